@@ -1,0 +1,212 @@
+"""Model files: weights, architecture config, preprocessing, calibration and a model card.
+
+A model file is one ``.safetensors`` file. Its tensors are the network's state dict; its
+string metadata holds JSON for everything else. Loading it parses JSON and copies tensor
+bytes: it never executes code (no pickle). The metadata also carries a SHA-256 of the
+weights, so corruption inside the tensor data is caught, and the registry below pins the
+SHA-256 of each named file so a swapped or damaged bundled model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from m3netcore.atomic import atomic_path
+from m3netcore.crops import Preprocessing
+from m3netcore.errors import ModelFileError
+from m3netcore.models.registry import architecture, build_model
+
+FORMAT_NAME = "m3net-model"
+FORMAT_VERSION = 1
+REGISTRY_FILE = "registry.json"
+
+
+@dataclass
+class Model:
+    """A network with everything needed to use it on a CT.
+
+    Attributes:
+        network: the ``nn.Module`` (a registered architecture).
+        architecture: its registry name.
+        preprocessing: the views and HU window it was trained with.
+        temperature: logit temperature fitted on validation data (probability = sigmoid(logit / T)).
+        threshold: probability at or above which the label is "malignant".
+        name, version: what the user sees in results.
+        card: the model card (markdown): how it was made, how well it does, intended use.
+        metadata: anything else recorded at training time (JSON-serialisable).
+    """
+
+    network: nn.Module
+    architecture: str
+    preprocessing: Preprocessing
+    temperature: float = 1.0
+    threshold: float = 0.5
+    name: str = "untrained"
+    version: str = "0"
+    card: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @classmethod
+    def untrained(cls, architecture_name: str) -> Model:
+        """A freshly initialised network with its architecture's default preprocessing."""
+        return cls(
+            network=build_model(architecture_name),
+            architecture=architecture_name,
+            preprocessing=architecture(architecture_name).preprocessing(),
+        )
+
+    def describe(self) -> dict:
+        """The metadata a user or a results file sees."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.architecture,
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+        }
+
+
+def save_model(model: Model, path: str | os.PathLike) -> str:
+    """Write ``model`` to ``path`` atomically; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
+    config = getattr(model.network, "config", None)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "architecture": model.architecture,
+        "config": json.dumps(_config_dict(config)),
+        "preprocessing": json.dumps(model.preprocessing.to_dict()),
+        "calibration": json.dumps({"temperature": model.temperature, "threshold": model.threshold}),
+        "name": model.name,
+        "version": model.version,
+        "card": model.card,
+        "metadata": json.dumps(model.metadata),
+        "weights_sha256": _weights_digest(state),
+    }
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
+        digest = file_sha256(temporary)
+    return digest
+
+
+def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
+    """Load a model by registry name (``"demo"``) or from a model file.
+
+    Raises:
+        ModelFileError: missing, truncated or corrupt file; another format or version;
+            a checksum that does not match.
+    """
+    text = str(name_or_path)
+    registry = bundled_registry()
+    if text in registry and not Path(text).exists():
+        entry = registry[text]
+        path = Path(str(resources.files("m3netcore") / "weights" / entry["file"]))
+        if not path.is_file():
+            raise ModelFileError(f"bundled model {text!r} is missing its file {path}")
+        actual = file_sha256(path)
+        if actual != entry["sha256"]:
+            raise ModelFileError(
+                f"model {text!r} ({path}) failed its checksum: sha256 {actual}, expected {entry['sha256']}"
+            )
+        return read_model_file(path)
+    path = Path(text)
+    if not path.exists():
+        known = ", ".join(sorted(registry)) or "none"
+        raise ModelFileError(f"no model file {text!r} (and no bundled model of that name; bundled: {known})")
+    return read_model_file(path)
+
+
+def read_model_file(path: str | os.PathLike) -> Model:
+    """Read one model file (see the module docstring for its layout)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{path} is not a readable model file (truncated or corrupt?): {err}") from err
+
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} is not an M3Net model file (no '{FORMAT_NAME}' format tag)")
+    version = metadata.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path} has model-file format version {version}; this m3net-core reads version {FORMAT_VERSION}"
+        )
+    if metadata.get("weights_sha256") != _weights_digest(state):
+        raise ModelFileError(f"{path}: the weights do not match their recorded checksum (corrupt file)")
+    try:
+        architecture_name = metadata["architecture"]
+        config = json.loads(metadata["config"])
+        preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
+        calibration = json.loads(metadata["calibration"])
+        network = build_model(architecture_name, config)
+        network.load_state_dict(state, strict=True)
+        model = Model(
+            network=network,
+            architecture=architecture_name,
+            preprocessing=preprocessing,
+            temperature=float(calibration["temperature"]),
+            threshold=float(calibration["threshold"]),
+            name=metadata.get("name", path.stem),
+            version=metadata.get("version", "0"),
+            card=metadata.get("card", ""),
+            metadata=json.loads(metadata.get("metadata", "{}")),
+        )
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ModelFileError(f"{path}: model file content does not fit this m3net-core: {err}") from err
+    network.eval()
+    return model
+
+
+def bundled_registry() -> dict[str, dict]:
+    """Names of the models shipped with the package -> ``{"file", "sha256", ...}``."""
+    registry_path = resources.files("m3netcore") / "weights" / REGISTRY_FILE
+    if not registry_path.is_file():
+        return {}
+    return json.loads(registry_path.read_text(encoding="utf-8"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _config_dict(config: object) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}

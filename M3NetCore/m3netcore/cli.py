@@ -1,0 +1,166 @@
+"""The ``m3net`` command: predict, demo, model-info.
+
+Heavy modules (torch, SimpleITK) are imported inside the commands so ``m3net --help``
+answers at once. Bad input ends with one ``m3net: error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    warnings.showwarning = _show_warning
+    from m3netcore.errors import M3NetInputError
+
+    try:
+        return int(args.run(args) or 0)
+    except (M3NetInputError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        print(f"m3net: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("m3net: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m3net",
+        description="Lung nodule malignancy from micro, meso and macro views of a CT (M3Net). "
+        "Research software, not for clinical use.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    predict = commands.add_parser("predict", help="probability, scale attention and heatmaps for nodules in a CT")
+    predict.add_argument("image", help="CT: DICOM series folder, .nrrd, .nii(.gz), .mha or .mhd")
+    predict.add_argument("--point", action="append", default=[], metavar="X,Y,Z", help="a nodule point in mm")
+    predict.add_argument(
+        "--points", metavar="FILE", help="Slicer .mrk.json, CSV with x,y,z[,label], or LUNA16 annotations.csv"
+    )
+    predict.add_argument(
+        "--coords", choices=("lps", "ras"), default="lps", help="system of --point and plain CSV (default lps)"
+    )
+    predict.add_argument("--series", metavar="UID", help="SeriesInstanceUID, for a folder with several series")
+    predict.add_argument("--model", default="demo", metavar="NAME|PATH", help="bundled model name or model file")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    predict.add_argument("--no-explain", action="store_true", help="skip the Grad-CAM heatmaps")
+    predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    predict.set_defaults(run=_run_predict)
+
+    demo = commands.add_parser("demo", help="generate a CT with two nodules and run the demo model on it")
+    demo.add_argument("--out", default="m3net-demo", metavar="DIR", help="output folder (default m3net-demo)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the generated CT")
+    demo.set_defaults(run=_run_demo)
+
+    info = commands.add_parser("model-info", help="parameters, GFLOPs per nodule and input spec of a model")
+    info.add_argument(
+        "--model", default="demo", metavar="NAME|PATH", help="bundled model, architecture name or model file"
+    )
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=_run_model_info)
+    return parser
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from m3netcore import load_model, predict, read_image
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.geometry import to_lps
+    from m3netcore.io import series_uid_of
+    from m3netcore.points import LabeledPoint, parse_point, read_points
+    from m3netcore.results import write_results
+
+    points = [
+        LabeledPoint(f"P-{n}", tuple(to_lps([parse_point(text)], args.coords)[0]))
+        for n, text in enumerate(args.point, start=1)
+    ]
+    image = None
+    if args.points:
+        # LUNA16 files are filtered by the image's series, so the image is read first.
+        image = read_image(args.image, series_uid=args.series)
+        points += read_points(args.points, coords=args.coords, series_uid=series_uid_of(image, args.image))
+    if not points:
+        raise M3NetInputError("no points: give --point X,Y,Z or --points FILE")
+    model = load_model(args.model)
+    if image is None:
+        image = read_image(args.image, series_uid=args.series)
+    results = predict(
+        model, image, [p.lps for p in points], coords="LPS", explain=not args.no_explain, device=args.device
+    )
+    labels = _unique([p.label for p in points])
+    write_results(results, labels, args.out, source={"image": str(args.image), "model": str(args.model)})
+    for label, result in zip(labels, results, strict=True):
+        print(_result_line(label, result))
+    print(f"wrote {args.out}/results.json, results.csv and {sum(len(r.heatmaps) for r in results)} heatmaps")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from m3netcore.demo import run_demo
+
+    for line in run_demo(args.out, seed=args.seed):
+        print(line)
+    return 0
+
+
+def _run_model_info(args: argparse.Namespace) -> int:
+    from m3netcore.checkpoint import Model, bundled_registry, load_model
+    from m3netcore.models import ARCHITECTURES
+    from m3netcore.summary import model_summary
+
+    name = args.model
+    if name in ARCHITECTURES and name not in bundled_registry():
+        model = Model.untrained(name)
+    else:
+        model = load_model(name)
+    summary = model_summary(model)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"model         {summary['name']} (architecture {summary['architecture']}, version {summary['version']})")
+    print(f"parameters    {summary['parameters']:,}")
+    print(f"GFLOPs/nodule {summary['gflops']:.3f} (a multiply-add = 2 FLOPs; {summary['gmacs']:.3f} GMACs)")
+    low, high = summary["hu_window"]
+    print(f"HU window     {low:.0f}..{high:.0f}, outside = {summary['outside_hu']:.0f}")
+    for spec in summary["inputs"]:
+        fov = "x".join(f"{v:g}" for v in spec["field_of_view_mm"])
+        grid = "x".join(str(v) for v in spec["grid_xyz"])
+        spacing = "x".join(f"{v:g}" for v in spec["spacing_mm"])
+        print(f"input {spec['scale']:<7} {fov} mm on {grid} voxels ({spacing} mm)")
+    print(f"calibration   temperature {summary['temperature']:.3f}, threshold {summary['threshold']:.3f}")
+    return 0
+
+
+def _result_line(label: str, result) -> str:
+    line = f"{label}: probability {result.probability:.3f} ({result.label})"
+    if result.scale_attention:
+        line += ", attention " + ", ".join(f"{k} {v:.2f}" for k, v in result.scale_attention.items())
+    return line
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        count = seen.get(label, 0)
+        seen[label] = count + 1
+        unique.append(label if count == 0 else f"{label}-{count + 1}")
+    return unique
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"m3net: warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

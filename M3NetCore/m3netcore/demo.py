@@ -1,0 +1,59 @@
+"""``m3net demo``: a generated CT with two nodules, the bundled model, every output written."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from m3netcore.atomic import atomic_path, write_text_atomic
+from m3netcore.checkpoint import load_model
+from m3netcore.data.synthetic import demo_ct
+from m3netcore.figure import save_overview_png
+from m3netcore.geometry import lps_to_ras
+from m3netcore.predict import predict
+from m3netcore.results import write_results
+
+
+def run_demo(out_dir: str | os.PathLike, *, seed: int = 7, model_name: str = "demo") -> Iterator[str]:
+    """Write the demo's CT, points, results, heatmaps and overview PNG; yields progress lines."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image, nodules = demo_ct(seed)
+    with atomic_path(out / "demo_ct.nrrd") as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    labels = [label for label, _, _ in nodules]
+    points = [center for _, center, _ in nodules]
+    write_text_atomic(out / "demo_points.mrk.json", json.dumps(_markups(labels, points), indent=2) + "\n")
+    yield f"generated CT {image.GetSize()} voxels at {image.GetSpacing()} mm -> {out / 'demo_ct.nrrd'}"
+    model = load_model(model_name)
+    results = predict(model, image, points, coords="LPS", explain=True, device="auto")
+    write_results(results, labels, out, source={"image": "demo_ct.nrrd (generated)", "model": model_name})
+    save_overview_png(image, results, labels, model.preprocessing, out / "demo_overview.png")
+    for label, result in zip(labels, results, strict=True):
+        attention = ", ".join(f"{k} {v:.2f}" for k, v in (result.scale_attention or {}).items())
+        yield f"{label}: probability {result.probability:.3f} ({result.label}); attention {attention}"
+    yield f"wrote results.json, results.csv, heatmaps (NRRD) and demo_overview.png to {out}"
+    yield "research software on generated data: not for clinical use"
+
+
+def _markups(labels: list[str], points_lps: list[tuple[float, float, float]]) -> dict:
+    """A Slicer markups point list (LPS, as Slicer writes files) so the CT and points open in Slicer."""
+    return {
+        "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": "LPS",
+                "coordinateUnits": "mm",
+                "controlPoints": [
+                    {"id": str(i + 1), "label": label, "position": list(point), "positionStatus": "defined",
+                     "description": "RAS {:.1f}, {:.1f}, {:.1f}".format(*lps_to_ras(point))}
+                    for i, (label, point) in enumerate(zip(labels, points_lps, strict=True))
+                ],
+            }
+        ],
+    }

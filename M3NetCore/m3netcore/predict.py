@@ -1,0 +1,177 @@
+"""The one function behind every click, batch run and CLI call: CT + points -> answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from m3netcore.checkpoint import Model
+from m3netcore.crops import extract_crops
+from m3netcore.errors import M3NetInputError
+from m3netcore.explain import cams_on_grids, gradcam, heatmap_images, signed_target
+from m3netcore.geometry import check_inside, lps_to_ras, to_lps
+from m3netcore.io import check_image
+from m3netcore.models.registry import architecture
+
+
+@dataclass
+class NoduleResult:
+    """The answer for one point.
+
+    Attributes:
+        point_lps: the point, LPS mm.
+        probability: calibrated probability of malignancy, in [0, 1].
+        label: "malignant" if ``probability >= threshold`` else "benign".
+        logit: the network's raw logit (before temperature).
+        scale_attention: {"micro": a, "meso": b, "macro": c} summing to 1, or ``None`` for
+            models without scale attention.
+        heatmaps: per-scale Grad-CAM images and ``combined`` (empty when ``explain=False``);
+            each covers its scale's field of view around the point, values in [0, 1].
+        model: the model's name, version, architecture, temperature and threshold.
+    """
+
+    point_lps: tuple[float, float, float]
+    probability: float
+    label: str
+    logit: float
+    scale_attention: dict[str, float] | None
+    heatmaps: dict[str, sitk.Image] = field(default_factory=dict)
+    fields_of_view_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    @property
+    def point_ras(self) -> tuple[float, float, float]:
+        return lps_to_ras(self.point_lps)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (heatmaps are written separately as images)."""
+        return {
+            "point_lps": list(self.point_lps),
+            "point_ras": list(self.point_ras),
+            "probability": self.probability,
+            "label": self.label,
+            "logit": self.logit,
+            "scale_attention": self.scale_attention,
+            "fields_of_view_mm": {k: list(v) for k, v in self.fields_of_view_mm.items()},
+            "model": self.model,
+        }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    text = str(device).lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise M3NetInputError(f"device {device!r} requested but no CUDA GPU is available")
+        return torch.device(text)
+    raise M3NetInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def predict(
+    model: Model | nn.Module,
+    image: sitk.Image,
+    points: Iterable[Sequence[float]],
+    *,
+    coords: str = "LPS",
+    explain: bool = True,
+    device: str | torch.device = "auto",
+) -> list[NoduleResult]:
+    """Malignancy probability, scale attention and heatmaps for each point on a nodule.
+
+    Args:
+        model: from :func:`m3netcore.load_model`, or an untrained network from
+            :func:`m3netcore.build_model` (temperature 1, threshold 0.5).
+        image: the CT in HU (:func:`m3netcore.read_image`), any spacing and direction.
+        points: ``(x, y, z)`` in mm, one per nodule; all share this one image.
+        coords: ``"LPS"`` (ITK/DICOM patient coordinates) or ``"RAS"`` (Slicer's world).
+        explain: also compute per-scale Grad-CAM heatmaps.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        One :class:`NoduleResult` per point, in order.
+
+    Raises:
+        M3NetInputError: a point outside the image, an image that is not one 3D scalar
+            volume, a device that is not there.
+    """
+    if not isinstance(model, Model):
+        if not isinstance(model, nn.Module) or not hasattr(model, "architecture_name"):
+            raise TypeError(f"model must come from load_model() or build_model(), got {type(model).__name__}")
+        name = model.architecture_name
+        model = Model(network=model, architecture=name, preprocessing=architecture(name).preprocessing())
+    check_image(image)
+    points_lps = to_lps(points, coords)
+    for point in points_lps:
+        check_inside(image, point)
+    target = resolve_device(device)
+    network = model.network.to(target).eval()
+    preprocessing = model.preprocessing
+
+    per_point = [extract_crops(image, point, preprocessing) for point in points_lps]
+    batch = [
+        torch.from_numpy(np.stack([crops[name] for crops in per_point]))[:, None].to(target)
+        for name in preprocessing.scale_names
+    ]
+
+    cams = None
+    if explain:
+        with gradcam(network) as cam:
+            output = network(batch)
+            malignant = _probabilities(output.logit.detach(), model) >= model.threshold
+            cams = cams_on_grids(cam.maps(signed_target(output.logit, malignant)), preprocessing)
+    else:
+        with torch.inference_mode():
+            output = network(batch)
+
+    logits = output.logit.detach().float().cpu()
+    probabilities = _probabilities(logits, model)
+    attention = None if output.scale_attention is None else output.scale_attention.detach().float().cpu().numpy()
+    results = []
+    for i, point in enumerate(points_lps):
+        point_tuple = tuple(float(v) for v in point)
+        scale_attention = (
+            None
+            if attention is None
+            else {name: float(attention[i, s]) for s, name in enumerate(preprocessing.scale_names)}
+        )
+        heatmaps = {}
+        if cams is not None:
+            heatmaps = heatmap_images(
+                {name: cams[name][i] for name in preprocessing.scale_names},
+                point_tuple,
+                preprocessing,
+                scale_attention,
+            )
+        probability = float(probabilities[i])
+        results.append(
+            NoduleResult(
+                point_lps=point_tuple,
+                probability=probability,
+                label="malignant" if probability >= model.threshold else "benign",
+                logit=float(logits[i]),
+                scale_attention=scale_attention,
+                heatmaps=heatmaps,
+                fields_of_view_mm={s.name: tuple(s.field_of_view_mm) for s in preprocessing.scales},
+                model=model.describe() | {"device": str(target)},
+            )
+        )
+    return results
+
+
+def _probabilities(logits: torch.Tensor, model: Model) -> torch.Tensor:
+    probabilities = torch.sigmoid(logits.float() / model.temperature)
+    if not torch.isfinite(probabilities).all():
+        raise M3NetInputError("the model produced a non-finite output for this input")
+    return probabilities
+
+
+__all__ = ["NoduleResult", "predict", "resolve_device"]

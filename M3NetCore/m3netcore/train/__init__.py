@@ -1,0 +1,1 @@
+"""Training: a first, plain loop (the training issue grows it into train/cv/evaluate)."""

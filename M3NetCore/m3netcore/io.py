@@ -49,6 +49,8 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sit
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
             raise M3NetInputError(f"cannot read {path} as an image: {_first_line(err)}") from err
+        if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # a 3D volume stored as one time point
+            image = image[:, :, :, 0]
     check_image(image, source=str(path))
     warn_if_not_hu(image, source=str(path))
     return image
@@ -77,8 +79,6 @@ def check_image(image: sitk.Image, source: str = "image") -> None:
         )
     dimension = image.GetDimension()
     size = image.GetSize()
-    if dimension == 4 and size[3] == 1:
-        dimension = 3
     if dimension != 3:
         raise M3NetInputError(f"{source}: is a {dimension}D image of size {size}; a CT volume is 3D")
     if min(size[:3]) < 2:

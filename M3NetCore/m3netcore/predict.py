@@ -49,12 +49,16 @@ class NoduleResult:
         return lps_to_ras(self.point_lps)
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (heatmaps are written separately as images)."""
+        """JSON-ready summary (heatmaps are written separately as images).
+
+        The benign/malignant call is under ``"prediction"``, so that files can use
+        ``"label"`` for the point's name as the CSV does.
+        """
         return {
             "point_lps": list(self.point_lps),
             "point_ras": list(self.point_ras),
             "probability": self.probability,
-            "label": self.label,
+            "prediction": self.label,
             "logit": self.logit,
             "scale_attention": self.scale_attention,
             "fields_of_view_mm": {k: list(v) for k, v in self.fields_of_view_mm.items()},

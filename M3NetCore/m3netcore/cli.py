@@ -21,17 +21,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    warnings.showwarning = _show_warning
     from m3netcore.errors import M3NetInputError
 
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)
-    except (M3NetInputError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except (M3NetInputError, OSError) as err:  # OSError: unreadable input, unwritable output
         print(f"m3net: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("m3net: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous_showwarning
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +83,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from m3netcore.points import LabeledPoint, parse_point, read_points
     from m3netcore.results import write_results
 
+    _check_out_dir(args.out)
     points = [
         LabeledPoint(f"P-{n}", tuple(to_lps([parse_point(text)], args.coords)[0]))
         for n, text in enumerate(args.point, start=1)
@@ -108,6 +112,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from m3netcore.demo import run_demo
 
+    _check_out_dir(args.out)
     for line in run_demo(args.out, seed=args.seed):
         print(line)
     return 0
@@ -139,6 +144,20 @@ def _run_model_info(args: argparse.Namespace) -> int:
         print(f"input {spec['scale']:<7} {fov} mm on {grid} voxels ({spacing} mm)")
     print(f"calibration   temperature {summary['temperature']:.3f}, threshold {summary['threshold']:.3f}")
     return 0
+
+
+def _check_out_dir(out: str) -> None:
+    """Refuse an output path that cannot become a folder before any work is done."""
+    from pathlib import Path
+
+    from m3netcore.errors import M3NetInputError
+
+    path = Path(out)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise M3NetInputError(f"--out {out}: {candidate} exists and is not a folder")
+            return
 
 
 def _result_line(label: str, result) -> str:

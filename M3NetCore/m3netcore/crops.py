@@ -169,52 +169,55 @@ def extract_crops(
 
 
 def _box_filtered_region(image: sitk.Image, grid: CropGrid, outside_hu: float) -> sitk.Image | None:
-    """The part of ``image`` under ``grid``, averaged over blocks of about one grid voxel.
+    """The part of ``image`` under ``grid``, averaged over blocks up to one grid voxel wide.
 
-    Blocks are whole CT voxels along the CT's own axes (any direction matrix), so the
-    result is an ordinary image with its own geometry; voxels of a block that fall outside
-    the CT count as ``outside_hu``. Returns ``image`` itself when no axis needs averaging,
-    ``None`` when the grid does not touch the image.
+    Blocks span an odd number of CT voxels along the CT's own axes (any direction matrix)
+    and their lattice is anchored on the CT voxel nearest the grid's centre, so the result
+    is the same whichever way the CT is stored (flipped rows give the same values). Voxels
+    beyond the CT count as ``outside_hu``. The blocks form an ordinary image with its own
+    geometry, which the caller interpolates. Returns ``image`` itself when no axis needs
+    averaging, ``None`` when the grid does not touch the image.
     """
     image_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    target = min(grid.spacing_mm)
-    factors = np.maximum(1, np.floor(target / image_spacing + 1e-6)).astype(int)
-    if np.all(factors == 1):
+    ratio = min(grid.spacing_mm) / image_spacing
+    # The largest odd number of CT voxels not wider than a view voxel: interpolating between
+    # block centres adds a tent of one block, so wider blocks would blur beyond the view's voxel.
+    widths = 2 * np.floor(np.maximum(ratio - 1.0, 0.0) / 2.0 + 1e-6).astype(int) + 1
+    if np.all(widths == 1):
         return image
-    corners = []
+    half = widths // 2
     origin = np.asarray(grid.origin_lps)
     extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing_mm)
-    for corner in np.ndindex(2, 2, 2):
-        point = origin + np.asarray(corner) * extent
-        corners.append(image.TransformPhysicalPointToContinuousIndex(point.tolist()))
-    corners = np.asarray(corners)
+    corners = np.asarray(
+        [
+            image.TransformPhysicalPointToContinuousIndex((origin + np.asarray(corner) * extent).tolist())
+            for corner in np.ndindex(2, 2, 2)
+        ]
+    )
+    anchor = np.round(image.TransformPhysicalPointToContinuousIndex(grid.center_lps)).astype(int)
+    # Block lattice: block starts are anchor - half + k * width; one block of margin each side.
+    needed_low = np.floor(corners.min(axis=0)).astype(int) - widths
+    needed_high = np.ceil(corners.max(axis=0)).astype(int) + widths + 1
+    low = anchor - half - widths * np.ceil((anchor - half - needed_low) / widths).astype(int)
+    high = low + widths * np.ceil((needed_high - low) / widths).astype(int)
     size = np.asarray(image.GetSize())
-    # One block of margin so linear interpolation near the view's edge has neighbours.
-    low = np.floor(corners.min(axis=0)).astype(int) - factors
-    high = np.ceil(corners.max(axis=0)).astype(int) + factors + 1
-    # Align blocks to a fixed lattice of the CT so a point's neighbourhood is filtered alike.
-    low = (np.floor_divide(low, factors)) * factors
-    high = low + np.ceil((high - low) / factors).astype(int) * factors
-    clipped_low = np.clip(low, 0, size)
-    clipped_high = np.clip(high, 0, size)
+    clipped_low, clipped_high = np.clip(low, 0, size), np.clip(high, 0, size)
     if np.any(clipped_high <= clipped_low):
         return None
+    padded = np.full(tuple((high - low)[::-1]), outside_hu, dtype=np.float32)
+    offset = (clipped_low - low)[::-1]
     region = sitk.GetArrayViewFromImage(image)[
         clipped_low[2] : clipped_high[2], clipped_low[1] : clipped_high[1], clipped_low[0] : clipped_high[0]
     ]
-    padded = np.full(tuple((high - low)[::-1]), outside_hu, dtype=np.float32)
-    offset = (clipped_low - low)[::-1]
     padded[
         offset[0] : offset[0] + region.shape[0],
         offset[1] : offset[1] + region.shape[1],
         offset[2] : offset[2] + region.shape[2],
     ] = region
-    kernel = tuple(int(f) for f in factors[::-1])
-    binned = F.avg_pool3d(torch.from_numpy(padded)[None, None], kernel, stride=kernel)[0, 0].numpy()
-    filtered = sitk.GetImageFromArray(binned)
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    # The centre of block 0 is the continuous index low + (f - 1) / 2 of the original.
-    filtered.SetOrigin(image.TransformContinuousIndexToPhysicalPoint((low + (factors - 1) / 2.0).tolist()))
-    filtered.SetSpacing((image_spacing * factors).tolist())
-    filtered.SetDirection(direction.ravel().tolist())
+    kernel = tuple(int(w) for w in widths[::-1])
+    blocks = F.avg_pool3d(torch.from_numpy(padded)[None, None], kernel, stride=kernel)[0, 0].numpy()
+    filtered = sitk.GetImageFromArray(blocks)
+    filtered.SetOrigin(image.TransformContinuousIndexToPhysicalPoint((low + half).astype(float).tolist()))
+    filtered.SetSpacing((image_spacing * widths).tolist())
+    filtered.SetDirection(image.GetDirection())
     return filtered

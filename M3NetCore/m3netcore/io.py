@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from m3netcore.errors import M3NetInputError, M3NetWarning
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-SLICE_GAP_TOLERANCE = 0.1
-SERIES_UID_TAG = "0020|000e"  # relative deviation of a slice step from the median step
+SLICE_GAP_TOLERANCE = 0.1  # relative deviation of a slice step from the median step
+SERIES_UID_TAG = "0020|000e"
 
 
 def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:

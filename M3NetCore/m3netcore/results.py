@@ -31,7 +31,7 @@ CSV_COLUMNS = (
 
 
 def heatmap_filename(label: str, scale: str) -> str:
-    """``<label>_<scale>.nrrd`` with the label made safe for a file name."""
+    """``<label>_heatmap_<scale>.nrrd`` with the label made safe for a file name."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "nodule"
     return f"{safe}_heatmap_{scale}.nrrd"
 

@@ -73,7 +73,7 @@ def main() -> None:
 
     m3net_info = model_summary(click)
     resnet_info = model_summary(m3.Model.untrained("resnet18x3"))
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    print(f"# {_cpu_name()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, SimpleITK {sitk.Version.VersionString()}")
     print(f"{'what':<48} {'median ms':>10} {'min ms':>10} {'GFLOPs':>8}")
     print(f"{'m3net predict, 1 nodule, explain=True':<48} {predict_median * 1e3:>10.1f} {predict_min * 1e3:>10.1f} "
@@ -81,6 +81,17 @@ def main() -> None:
     print(f"{'resnet18x3 forward only, authors sizes':<48} {resnet_median * 1e3:>10.1f} {resnet_min * 1e3:>10.1f} "
           f"{resnet_info['gflops']:>8.2f}")
     print(f"ratio predict/resnet18x3_forward: {predict_median / resnet_median:.4f}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

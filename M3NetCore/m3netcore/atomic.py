@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,23 +13,24 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
-    The temporary name keeps the final suffix so writers that choose a format by extension
-    (SimpleITK, matplotlib) still do the right thing.
+    The temporary name ends with the final name's full suffix (``.nii.gz`` too), so writers
+    that choose a format by extension (SimpleITK, matplotlib) do the right thing. The file
+    is created with the permissions a plain ``open`` gives and synced to disk before the move.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix or ".tmp", dir=final.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
+    suffix = "".join(final.suffixes) or ".tmp"
+    base = final.name[: len(final.name) - len("".join(final.suffixes))] or "file"
+    temporary = final.with_name(f".{base}.{secrets.token_hex(6)}.partial{suffix}")
+    with open(temporary, "xb"):  # claim the name; honours the umask
+        pass
     try:
-        yield temporary_path
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary_path, 0o666 & ~umask)
-        os.replace(temporary_path, final)
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
     finally:
-        temporary_path.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -1,7 +1,8 @@
 """Model files: weights, architecture config, preprocessing, calibration and a model card.
 
-A model file is one ``.safetensors`` file. Its tensors are the network's state dict; its
-string metadata holds JSON for everything else. Loading it parses JSON and copies tensor
+A model file is one ``.safetensors`` file. Its tensors are the network's state dict; one
+metadata entry, ``m3net_model``, holds a JSON document (sorted keys, so saving the same
+model twice gives the same bytes) with everything else. Loading it parses JSON and copies tensor
 bytes: it never executes code (no pickle). The metadata also carries a SHA-256 of the
 weights, so corruption inside the tensor data is caught, and the registry below pins the
 SHA-256 of each named file so a swapped or damaged bundled model is refused.
@@ -25,6 +26,7 @@ from m3netcore.errors import ModelFileError
 from m3netcore.models.registry import architecture, build_model
 
 FORMAT_NAME = "m3net-model"
+METADATA_KEY = "m3net_model"
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
 
@@ -55,6 +57,12 @@ class Model:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        network_scales = tuple(getattr(self.network, "scale_names", ()))
+        if network_scales != self.preprocessing.scale_names:
+            raise ValueError(
+                f"the network takes views {network_scales} but the preprocessing makes "
+                f"{self.preprocessing.scale_names}; they must match in name and order"
+            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -86,19 +94,20 @@ def save_model(model: Model, path: str | os.PathLike) -> str:
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     config = getattr(model.network, "config", None)
-    metadata = {
+    document = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": FORMAT_VERSION,
         "architecture": model.architecture,
-        "config": json.dumps(_config_dict(config)),
-        "preprocessing": json.dumps(model.preprocessing.to_dict()),
-        "calibration": json.dumps({"temperature": model.temperature, "threshold": model.threshold}),
+        "config": _config_dict(config),
+        "preprocessing": model.preprocessing.to_dict(),
+        "calibration": {"temperature": model.temperature, "threshold": model.threshold},
         "name": model.name,
         "version": model.version,
         "card": model.card,
-        "metadata": json.dumps(model.metadata),
+        "metadata": model.metadata,
         "weights_sha256": _weights_digest(state),
     }
+    metadata = {METADATA_KEY: json.dumps(document, sort_keys=True)}
     with atomic_path(path) as temporary:
         save_file(state, str(temporary), metadata=metadata)
         digest = file_sha256(temporary)
@@ -146,34 +155,35 @@ def read_model_file(path: str | os.PathLike) -> Model:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path} is not a readable model file (truncated or corrupt?): {err}") from err
 
-    if metadata.get("format") != FORMAT_NAME:
+    try:
+        document = json.loads(metadata[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} is not an M3Net model file (no '{METADATA_KEY}' metadata)") from err
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path} is not an M3Net model file (no '{FORMAT_NAME}' format tag)")
-    version = metadata.get("format_version", "?")
-    if version != str(FORMAT_VERSION):
+    version = document.get("format_version", "?")
+    if version != FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has model-file format version {version}; this m3net-core reads version {FORMAT_VERSION}"
         )
-    if metadata.get("weights_sha256") != _weights_digest(state):
+    if document.get("weights_sha256") != _weights_digest(state):
         raise ModelFileError(f"{path}: the weights do not match their recorded checksum (corrupt file)")
     try:
-        architecture_name = metadata["architecture"]
-        config = json.loads(metadata["config"])
-        preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
-        calibration = json.loads(metadata["calibration"])
-        network = build_model(architecture_name, config)
+        architecture_name = document["architecture"]
+        network = build_model(architecture_name, document["config"])
         network.load_state_dict(state, strict=True)
         model = Model(
             network=network,
             architecture=architecture_name,
-            preprocessing=preprocessing,
-            temperature=float(calibration["temperature"]),
-            threshold=float(calibration["threshold"]),
-            name=metadata.get("name", path.stem),
-            version=metadata.get("version", "0"),
-            card=metadata.get("card", ""),
-            metadata=json.loads(metadata.get("metadata", "{}")),
+            preprocessing=Preprocessing.from_dict(document["preprocessing"]),
+            temperature=float(document["calibration"]["temperature"]),
+            threshold=float(document["calibration"]["threshold"]),
+            name=str(document.get("name", path.stem)),
+            version=str(document.get("version", "0")),
+            card=str(document.get("card", "")),
+            metadata=dict(document.get("metadata", {})),
         )
-    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         raise ModelFileError(f"{path}: model file content does not fit this m3net-core: {err}") from err
     network.eval()
     return model
@@ -181,10 +191,22 @@ def read_model_file(path: str | os.PathLike) -> Model:
 
 def bundled_registry() -> dict[str, dict]:
     """Names of the models shipped with the package -> ``{"file", "sha256", ...}``."""
-    registry_path = resources.files("m3netcore") / "weights" / REGISTRY_FILE
+    return read_registry(Path(str(resources.files("m3netcore") / "weights" / REGISTRY_FILE)))
+
+
+def read_registry(registry_path: Path) -> dict[str, dict]:
+    """A registry file: ``{name: {"file": ..., "sha256": ..., ...}}``; missing -> empty."""
     if not registry_path.is_file():
         return {}
-    return json.loads(registry_path.read_text(encoding="utf-8"))
+    try:
+        registry = json.loads(registry_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"the bundled model registry {registry_path} is corrupt: {err}") from err
+    if not isinstance(registry, dict) or not all(
+        isinstance(entry, dict) and {"file", "sha256"} <= set(entry) for entry in registry.values()
+    ):
+        raise ModelFileError(f"the bundled model registry {registry_path} has entries without file and sha256")
+    return registry
 
 
 def file_sha256(path: str | os.PathLike) -> str:

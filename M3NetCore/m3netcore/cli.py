@@ -168,12 +168,16 @@ def _result_line(label: str, result) -> str:
 
 
 def _unique(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """Labels made unique by a ``-2``, ``-3``... suffix on repeats."""
+    taken: set[str] = set()
     unique = []
     for label in labels:
-        count = seen.get(label, 0)
-        seen[label] = count + 1
-        unique.append(label if count == 0 else f"{label}-{count + 1}")
+        candidate, count = label, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{label}-{count}"
+        taken.add(candidate)
+        unique.append(candidate)
     return unique
 
 

@@ -32,11 +32,15 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 7, model_name: str = "de
     model = load_model(model_name)
     results = predict(model, image, points, coords="LPS", explain=True, device="auto")
     write_results(results, labels, out, source={"image": "demo_ct.nrrd (generated)", "model": model_name})
-    save_overview_png(image, results, labels, model.preprocessing, out / "demo_overview.png")
+    try:
+        save_overview_png(image, results, labels, model.preprocessing, out / "demo_overview.png")
+        picture = "demo_overview.png"
+    except ImportError:
+        picture = "no PNG (needs matplotlib: pip install 'm3net-core[report]')"
     for label, result in zip(labels, results, strict=True):
         attention = ", ".join(f"{k} {v:.2f}" for k, v in (result.scale_attention or {}).items())
         yield f"{label}: probability {result.probability:.3f} ({result.label}); attention {attention}"
-    yield f"wrote results.json, results.csv, heatmaps (NRRD) and demo_overview.png to {out}"
+    yield f"wrote results.json, results.csv, heatmaps (NRRD) and {picture} to {out}"
     yield "research software on generated data: not for clinical use"
 
 

@@ -38,13 +38,12 @@ def save_overview_png(
         for column, spec in enumerate(scales):
             ax = axes[row, column]
             hu = sample_scale(image, result.point_lps, spec, preprocessing.outside_hu)
-            middle = hu.shape[0] // 2
             extent = (-spec.field_of_view_mm[0] / 2, spec.field_of_view_mm[0] / 2,
                       spec.field_of_view_mm[1] / 2, -spec.field_of_view_mm[1] / 2)
-            ax.imshow(hu[middle], cmap="gray", vmin=-1200, vmax=300, extent=extent)
+            ax.imshow(_slice_through_centre(hu), cmap="gray", vmin=-1200, vmax=300, extent=extent)
             heatmap = result.heatmaps.get(spec.name)
             if heatmap is not None:
-                values = sitk.GetArrayViewFromImage(heatmap)[middle]
+                values = _slice_through_centre(sitk.GetArrayViewFromImage(heatmap))
                 ax.imshow(np.ma.masked_less(values, 0.2), cmap="inferno", alpha=0.45, vmin=0, vmax=1, extent=extent)
             attention = (result.scale_attention or {}).get(spec.name)
             title = f"{spec.name} {spec.field_of_view_mm[0]:g} mm"
@@ -64,3 +63,12 @@ def save_overview_png(
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=90)
     plt.close(figure)
+
+
+def _slice_through_centre(volume: np.ndarray) -> np.ndarray:
+    """The axial plane through the grid's centre: the middle slice, or the mean of the two
+    middle slices when the grid has an even number of them (the centre lies between)."""
+    depth = volume.shape[0]
+    if depth % 2:
+        return np.asarray(volume[depth // 2])
+    return 0.5 * (np.asarray(volume[depth // 2 - 1]) + np.asarray(volume[depth // 2]))

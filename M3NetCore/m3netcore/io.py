@@ -9,6 +9,7 @@ whether the values look like Hounsfield units (a warning, not an error).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from m3netcore.errors import M3NetInputError, M3NetWarning
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 SLICE_GAP_TOLERANCE = 0.1  # relative deviation of a slice step from the median step
 SERIES_UID_TAG = "0020|000e"
+_DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
 
 
 def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:
@@ -60,11 +62,10 @@ def series_uid_of(image: sitk.Image, path: str | os.PathLike | None = None) -> s
     """The image's SeriesInstanceUID: from DICOM, or a LUNA16-style ``<uid>.mhd`` file name."""
     if image.HasMetaDataKey(SERIES_UID_TAG):
         return image.GetMetaData(SERIES_UID_TAG).strip()
-    if path is not None and not Path(path).is_dir():
-        name = Path(path).name
-        for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
+    if path is not None and Path(path).suffix.lower() in (".mhd", ".mha"):
+        stem = Path(path).stem
+        if _DICOM_UID.fullmatch(stem):  # LUNA16 names each scan <SeriesInstanceUID>.mhd
+            return stem
     return None
 
 
@@ -128,8 +129,13 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     elif series_uid not in series_ids:
         raise M3NetInputError(f"series {series_uid} not in {folder}; found: {', '.join(series_ids)}")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    if len(files) < 2:
-        raise M3NetInputError(f"series {series_uid} in {folder} has {len(files)} slice(s); a CT needs several")
+    if len(files) == 1:  # an enhanced (multi-frame) CT keeps the whole volume in one file
+        try:
+            image = sitk.ReadImage(files[0])
+        except RuntimeError as err:
+            raise M3NetInputError(f"cannot read DICOM file {files[0]}: {_first_line(err)}") from err
+        image.SetMetaData(SERIES_UID_TAG, series_uid)
+        return image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()

@@ -75,11 +75,15 @@ def _read_markups(path: Path) -> list[LabeledPoint]:
         raise M3NetInputError(f"{path} is not a Slicer markups file (no 'markups' list)")
     points = []
     for markup in markups:
+        if not isinstance(markup, dict):
+            raise M3NetInputError(f"{path}: each entry of 'markups' must be an object")
         # Slicer always writes the field; guessing it would flip x and y silently.
         if "coordinateSystem" not in markup:
             raise M3NetInputError(f"{path}: markup has no 'coordinateSystem' (LPS or RAS); add it")
         system = str(markup["coordinateSystem"]).upper()
         for n, control_point in enumerate(markup.get("controlPoints") or [], start=1):
+            if not isinstance(control_point, dict):
+                raise M3NetInputError(f"{path}: control point {n} is not an object")
             if control_point.get("positionStatus", "defined") != "defined":
                 continue
             position = control_point.get("position")
@@ -109,21 +113,21 @@ def _read_csv(path: Path, coords: str, series_uid: str | None) -> list[LabeledPo
     triples, labels = [], []
     for n, row in enumerate(rows, start=1):
         triples.append(_row_triple(path, n, row, [columns[c] for c in ("x", "y", "z")]))
-        label = row.get(columns["label"], "") if "label" in columns else ""
+        label = (row.get(columns["label"]) or "") if "label" in columns else ""
         labels.append(label.strip() or f"P-{n}")
     return [LabeledPoint(label, tuple(p)) for label, p in zip(labels, to_lps(triples, coords), strict=True)]
 
 
 def _luna16_points(path: Path, rows: list[dict], columns: dict, series_uid: str | None) -> list[LabeledPoint]:
-    uids = {row[columns["seriesuid"]].strip() for row in rows}
+    uids = {(row[columns["seriesuid"]] or "").strip() for row in rows}
     if series_uid is not None:
-        rows = [row for row in rows if row[columns["seriesuid"]].strip() == series_uid]
+        rows = [row for row in rows if (row[columns["seriesuid"]] or "").strip() == series_uid]
         if not rows:
             raise M3NetInputError(f"{path} has no annotation for series {series_uid} ({len(uids)} series in file)")
     elif len(uids) > 1:
         raise M3NetInputError(
             f"{path} annotates {len(uids)} series and the image's SeriesInstanceUID is unknown; "
-            "name the image <seriesuid>.mhd or read a DICOM folder"
+            "name the image <seriesuid>.mhd (as LUNA16 does) or read a DICOM folder"
         )
     names = [columns[c] for c in ("coordx", "coordy", "coordz")]
     triples = [_row_triple(path, n, row, names) for n, row in enumerate(rows, start=1)]

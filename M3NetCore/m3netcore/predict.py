@@ -105,7 +105,10 @@ def predict(
 
     Raises:
         M3NetInputError: a point outside the image, an image that is not one 3D scalar
-            volume, a device that is not there.
+            volume, a device that is not there, heatmaps asked of a model that has none.
+
+    The network is moved to ``device`` and left in eval mode. Explaining briefly freezes
+    its parameters, so do not explain with one network from several threads at once.
     """
     if not isinstance(model, Model):
         if not isinstance(model, nn.Module) or not hasattr(model, "architecture_name"):
@@ -116,6 +119,11 @@ def predict(
     points_lps = to_lps(points, coords)
     for point in points_lps:
         check_inside(image, point)
+    if explain and not architecture(model.architecture).explainable:
+        raise M3NetInputError(
+            f"{model.architecture} gives no heatmaps (its feature maps do not line up with the input "
+            "grid); predict with explain=False (CLI: --no-explain)"
+        )
     target = resolve_device(device)
     network = model.network.to(target).eval()
     preprocessing = model.preprocessing

@@ -30,10 +30,10 @@ CSV_COLUMNS = (
 )
 
 
-def heatmap_filename(label: str, scale: str) -> str:
-    """``<label>_heatmap_<scale>.nrrd`` with the label made safe for a file name."""
+def heatmap_filename(number: int, label: str, scale: str) -> str:
+    """``<NN>_<label>_heatmap_<scale>.nrrd``: the number keeps names unique, the label readable."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "nodule"
-    return f"{safe}_heatmap_{scale}.nrrd"
+    return f"{number:02d}_{safe}_heatmap_{scale}.nrrd"
 
 
 def write_results(
@@ -56,11 +56,11 @@ def write_results(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     nodules = []
-    for label, result in zip(labels, results, strict=True):
+    for number, (label, result) in enumerate(zip(labels, results, strict=True), start=1):
         entry = {"label": label} | result.to_dict()
         files = {}
         for scale, image in result.heatmaps.items():
-            name = heatmap_filename(label, scale)
+            name = heatmap_filename(number, label, scale)
             with atomic_path(out / name) as temporary:
                 sitk.WriteImage(image, str(temporary), useCompression=True)
             files[scale] = name

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3netcore import Model, ModelFileError, load_model, save_model
-from m3netcore.checkpoint import file_sha256, read_model_file
+from m3netcore.checkpoint import METADATA_KEY, file_sha256, read_model_file
 
 
 def crops_batch(model: Model, batch: int = 2) -> list[torch.Tensor]:
@@ -121,14 +121,19 @@ def test_damaged_model_file_is_a_model_file_error(saved, tmp_path, damage, messa
     assert "\n" not in str(caught.value)
 
 
+def rewrite_document(good, path, **changes) -> None:
+    """Copy a model file with some entries of its JSON document replaced."""
+    with safe_open(str(good), framework="pt") as handle:
+        document = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    document.update(changes)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(document)})
+
+
 def test_model_file_of_another_format_version_is_refused(saved, tmp_path) -> None:
     _, good = saved
-    with safe_open(str(good), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    metadata["format_version"] = "999"
     path = tmp_path / "future.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
+    rewrite_document(good, path, format_version=999)
 
     with pytest.raises(ModelFileError, match="format version 999; this m3net-core reads version 1"):
         read_model_file(path)
@@ -143,15 +148,28 @@ def test_safetensors_file_that_is_not_a_model_is_refused(tmp_path) -> None:
 
 def test_model_file_whose_config_does_not_fit_is_refused(saved, tmp_path) -> None:
     _, good = saved
-    with safe_open(str(good), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    metadata["config"] = json.dumps({"no_such_field": 1})
     path = tmp_path / "odd-config.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
+    rewrite_document(good, path, config={"no_such_field": 1})
 
     with pytest.raises(ModelFileError, match="does not fit"):
         read_model_file(path)
+
+
+def test_saving_the_same_model_twice_gives_the_same_bytes(saved, tmp_path) -> None:
+    model, good = saved
+    again = tmp_path / "again.safetensors"
+    assert save_model(model, again) == file_sha256(good)
+
+
+def test_network_and_preprocessing_must_agree_on_the_views() -> None:
+    import dataclasses
+
+    from m3netcore.crops import default_preprocessing
+
+    full = default_preprocessing()
+    reordered = dataclasses.replace(full, scales=tuple(reversed(full.scales)))
+    with pytest.raises(ValueError, match="must match in name and order"):
+        Model(network=Model.untrained("m3net").network, architecture="m3net", preprocessing=reordered)
 
 
 def test_unknown_model_name_is_a_model_file_error() -> None:

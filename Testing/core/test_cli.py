@@ -62,11 +62,13 @@ def test_predict_writes_results_and_heatmaps(tmp_path, capsys, ct_path, untraine
     document = json.loads((out / "results.json").read_text())
     assert document["coordinate_system"] == "LPS"
     assert len(document["nodules"]) == 2
-    for nodule_entry, point, name in zip(document["nodules"], (nodule, other), ("P-1", "P-2"), strict=True):
+    entries = zip(document["nodules"], (nodule, other), ("P-1", "P-2"), strict=True)
+    for number, (nodule_entry, point, name) in enumerate(entries, start=1):
         assert nodule_entry["point_lps"] == pytest.approx(point, abs=1e-4)
         assert nodule_entry["label"] == name
         assert nodule_entry["prediction"] in {"benign", "malignant"}
-        assert all(file_name.startswith(f"{name}_") for file_name in nodule_entry["heatmap_files"].values())
+        files = nodule_entry["heatmap_files"].values()
+        assert all(file_name.startswith(f"{number:02d}_{name}_heatmap_") for file_name in files)
         assert 0.0 <= nodule_entry["probability"] <= 1.0
         assert set(nodule_entry["scale_attention"]) == {"micro", "meso", "macro"}
         assert sum(nodule_entry["scale_attention"].values()) == pytest.approx(1.0, abs=1e-6)

@@ -82,7 +82,7 @@ def test_nodule_is_at_the_centre_of_every_view(phantom, scene_image, geometry_ca
     assert crop.min() >= 0.0 and crop.max() <= 1.0
     assert crop.max() == pytest.approx(1.0, abs=0.02), "the +1000 HU nodule is missing from the view"
     centroid = phantom.intensity_centroid(crop)  # air is 0, so only the nodule weighs
-    np.testing.assert_allclose(centroid, [GRID_CENTRE_INDEX] * 3, atol=0.5)
+    np.testing.assert_allclose(centroid, [GRID_CENTRE_INDEX] * 3, atol=0.1)
 
 
 def test_sample_scale_returns_hu_and_extract_crops_normalises_it(phantom, scene_image) -> None:
@@ -175,7 +175,7 @@ def test_view_near_the_edge_is_air_outside_and_not_shifted(phantom, geometry_cas
         np.testing.assert_allclose(crop[plain_inside], background, atol=0.01, err_msg=spec.name)
         nodule_only = np.clip(crop - 0.5, 0.0, None)  # background 0.36, outside 0, nodule 1
         centroid = phantom.intensity_centroid(nodule_only)
-        np.testing.assert_allclose(centroid, [GRID_CENTRE_INDEX] * 3, atol=0.5, err_msg=spec.name)
+        np.testing.assert_allclose(centroid, [GRID_CENTRE_INDEX] * 3, atol=0.1, err_msg=spec.name)
 
 
 def test_antialias_averages_detail_finer_than_the_view(phantom) -> None:

@@ -77,11 +77,29 @@ def test_heatmaps_put_the_evidence_at_its_physical_place(pool, direction):
     model = Model(EvidenceNet(pool), "m3net", default_preprocessing())
     (result,) = m3.predict(model, image, [(0.0, 0.0, 0.0)], device="cpu")
     assert result.label == "malignant"
-    # The map's resolution is the view's voxel (0.75 mm micro) times the pooling.
-    tolerance = 0.75 * pool + 0.5
-    for scale in ("micro", "meso", "combined"):
-        peak = heatmap_peak_lps(result.heatmaps[scale])
-        assert np.linalg.norm(peak - sphere) < tolerance * (2 if scale == "meso" else 1), (scale, peak)
+    # A half-voxel slip of the upsampling (align_corners, nearest) moves the micro peak by
+    # about 0.7 mm; the right mapping keeps it within a few tenths.
+    assert np.linalg.norm(heatmap_peak_lps(result.heatmaps["micro"]) - sphere) < 0.45
+    assert np.linalg.norm(heatmap_peak_lps(result.heatmaps["combined"]) - sphere) < 1.0
+    assert np.linalg.norm(heatmap_peak_lps(result.heatmaps["meso"]) - sphere) < 1.0 * pool
+
+
+def test_upsampled_feature_cell_is_centred_on_its_block_of_voxels():
+    from m3netcore.explain import upsample_map
+
+    cam = torch.zeros(1, 8, 8, 8)
+    cam[0, 2, 5, 6] = 1.0  # cell (z, y, x) = (2, 5, 6) covers voxels 4 * cell .. 4 * cell + 3
+    upsampled = upsample_map(cam, (32, 32, 32))[0]
+    zyx = np.stack(np.nonzero(upsampled > 0), axis=1)
+    centroid = (zyx * upsampled[tuple(zyx.T)][:, None]).sum(0) / upsampled.sum()
+    np.testing.assert_allclose(centroid, [4 * 2 + 1.5, 4 * 5 + 1.5, 4 * 6 + 1.5], atol=0.05)
+
+
+def test_models_whose_maps_do_not_line_up_refuse_to_explain():
+    image = ct_with_sphere(np.zeros(3), (1, 0, 0, 0, 1, 0, 0, 0, 1), size=(24, 24, 24))
+    baseline = m3.build_model("resnet18x3")
+    with pytest.raises(m3.M3NetInputError, match="no heatmaps.*explain=False"):
+        m3.predict(baseline, image, [(0.0, 0.0, 0.0)], device="cpu", explain=True)
 
 
 def test_gradcam_removes_hooks_and_leaves_parameters_untouched():

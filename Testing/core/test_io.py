@@ -136,6 +136,10 @@ def test_series_uid_of_a_luna16_style_file_is_its_name(tmp_path) -> None:
 
     assert series_uid_of(image, path) == uid
     assert series_uid_of(image) is None
+    # Only a UID-shaped .mhd/.mha name is taken for a series UID, never a "ct.nrrd".
+    assert series_uid_of(image, tmp_path / "ct.nrrd") is None
+    assert series_uid_of(image, tmp_path / "ct.mhd") is None
+    assert series_uid_of(image, tmp_path / f"{uid}.nrrd") is None
 
 
 def write_image(path: Path, image: sitk.Image) -> Path:
@@ -286,4 +290,12 @@ def test_dicom_series_with_a_missing_slice_is_an_input_error(tmp_path, missing_s
 def test_folder_without_dicom_is_an_input_error(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(M3NetInputError, match="no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_folder_with_a_single_slice_is_not_a_volume(tmp_path) -> None:
+    write_ct_series(
+        tmp_path, random_hu((1, 6, 8)), origin=ORIGIN, spacing=SPACING, direction=np.eye(3), series_uid=generate_uid()
+    )
+    with pytest.raises(M3NetInputError, match="single slice, not a 3D volume"):
         read_image(tmp_path)

@@ -96,6 +96,8 @@ def test_markups_without_labels_get_numbered(tmp_path) -> None:
         (json.dumps(markups_document("LPS", [])), "contains no points"),
         (json.dumps(markups_document("LPS", [control_point("N-1", [1.0, 2.0, 3.0], "undefined")])), "no points"),
         (json.dumps(markups_document("IJK", [control_point("N-1", [1.0, 2.0, 3.0])])), "coords must be"),
+        ('{"markups": ["x"]}', "must be an object"),
+        (json.dumps(markups_document("LPS", ["x"])), "control point 1 is not an object"),
     ],
     ids=[
         "no-coordinate-system",
@@ -106,6 +108,8 @@ def test_markups_without_labels_get_numbered(tmp_path) -> None:
         "no-control-points",
         "only-undefined",
         "unknown-system",
+        "markup-not-object",
+        "control-point-not-object",
     ],
 )
 def test_bad_markups_are_input_errors(tmp_path, text: str, message: str) -> None:
@@ -115,6 +119,11 @@ def test_bad_markups_are_input_errors(tmp_path, text: str, message: str) -> None
 
 
 # --- plain CSV ------------------------------------------------------------------------------
+
+
+def test_csv_row_shorter_than_its_header_gets_a_numbered_label(tmp_path) -> None:
+    path = write_text(tmp_path / "points.csv", "x,y,z,label\n1,2,3\n4,5,6,apex\n")
+    assert [p.label for p in read_points(path)] == ["P-1", "apex"]
 
 
 @pytest.mark.parametrize(

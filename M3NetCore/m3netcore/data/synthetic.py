@@ -100,17 +100,23 @@ def draw_nodule(
 
 
 def render_patch(
-    rng: np.random.Generator, nodule: NoduleAppearance, size_mm: float = 100.0, spacing_mm: float = 1.0
+    rng: np.random.Generator,
+    nodule: NoduleAppearance,
+    size_mm: float = 100.0,
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> sitk.Image:
-    """A cube of lung around a nodule at the origin: parenchyma, vessels, maybe chest wall, noise."""
-    n = int(round(size_mm / spacing_mm))
-    axis = (np.arange(n) - (n - 1) / 2) * spacing_mm
-    axes = (axis, axis, axis)
-    volume = LUNG_HU + _texture(rng, (n, n, n), 25.0)
+    """A box of lung around a nodule at the origin: parenchyma, vessels, maybe chest wall, noise.
+
+    ``spacing_mm`` is (x, y, z), so patches can mimic a scanner's anisotropic voxels.
+    """
+    counts = [int(round(size_mm / s)) for s in spacing_mm]
+    axes = tuple((np.arange(n) - (n - 1) / 2) * s for n, s in zip(counts[::-1], spacing_mm[::-1], strict=True))
+    shape = tuple(counts[::-1])
+    volume = LUNG_HU + _texture(rng, shape, 25.0)
     if rng.random() < 0.5:  # chest wall on one side, at a distance
         normal = _unit(rng)
         distance = rng.uniform(radius_clearance(nodule) + 4.0, 45.0)
-        zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij", sparse=True)
+        zz, yy, xx = np.meshgrid(*axes, indexing="ij", sparse=True)
         depth = xx * normal[0] + yy * normal[1] + zz * normal[2] - distance
         volume += _soft_step(depth, 1.0) * (SOFT_TISSUE_HU - volume)
     for _ in range(int(rng.integers(4, 10))):
@@ -118,8 +124,8 @@ def render_patch(
     draw_nodule(volume, axes, np.zeros(3), nodule)
     volume += rng.normal(0.0, 15.0, volume.shape)
     image = sitk.GetImageFromArray(volume.astype(np.float32))
-    image.SetSpacing((spacing_mm,) * 3)
-    image.SetOrigin((float(axis[0]),) * 3)
+    image.SetSpacing(tuple(float(s) for s in spacing_mm))
+    image.SetOrigin(tuple(float(axis[0]) for axis in axes[::-1]))
     return image
 
 

@@ -23,6 +23,9 @@ class ArchitectureEntry:
         model_class: the ``nn.Module`` class; it takes one config instance.
         default_config: the frozen config dataclass instance it is built with by default.
         preprocessing: a function returning the input spec (views, HU window) it expects.
+        explainable: whether Grad-CAM maps of its ``cam_layers`` line up with the input
+            grid (each feature cell the centre of a block of input voxels). Padded strided
+            convolutions and max-pools shift the cells, so such models give no heatmaps.
     """
 
     name: str
@@ -30,6 +33,7 @@ class ArchitectureEntry:
     model_class: type[nn.Module]
     default_config: object
     preprocessing: Callable[[], Preprocessing]
+    explainable: bool = True
 
 
 def _single_scale(name: str) -> Callable[[], Preprocessing]:
@@ -66,6 +70,7 @@ _ENTRIES = [
         ResNet18x3,
         ResNet18x3Config(),
         _authors_input_sizes,
+        explainable=False,
     ),
 ]
 for _scale in ("micro", "meso", "macro"):

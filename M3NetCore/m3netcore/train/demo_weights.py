@@ -27,20 +27,24 @@ DEMO_NAME = "demo"
 DEMO_FILE = "m3net-demo.safetensors"
 DEMO_VERSION = "0.1.0"
 CLICK_JITTER_MM = 2.0
+# Voxel sizes (x, y, z) of common chest CT protocols: thin-slice, isotropic, thick-slice.
+SCANNER_SPACINGS_MM = ((0.7, 0.7, 1.25), (1.0, 1.0, 1.0), (0.8, 0.8, 2.0))
 
 
 def synthetic_views(count: int, seed: int, preprocessing: Preprocessing) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``count`` generated nodules (half malignant) as views ``(N, 1, D, H, W)`` per scale, and labels.
 
     The point each view is centred on is jittered by up to ``CLICK_JITTER_MM`` per axis, as a
-    user's click is never exactly at the nodule's centre.
+    user's click is never exactly at the nodule's centre, and each patch is drawn at one of
+    ``SCANNER_SPACINGS_MM``, so the model meets the resampling of several scanners.
     """
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % 2).astype(np.int64)
     per_scale: dict[str, list[np.ndarray]] = {name: [] for name in preprocessing.scale_names}
     largest = max(max(s.field_of_view_mm) for s in preprocessing.scales)
     for label in labels:
-        patch = render_patch(rng, random_nodule(rng, bool(label)), size_mm=largest + 4 * CLICK_JITTER_MM)
+        spacing = SCANNER_SPACINGS_MM[int(rng.integers(len(SCANNER_SPACINGS_MM)))]
+        patch = render_patch(rng, random_nodule(rng, bool(label)), largest + 4 * CLICK_JITTER_MM, spacing)
         click = rng.uniform(-CLICK_JITTER_MM, CLICK_JITTER_MM, 3)
         for name, crop in extract_crops(patch, click, preprocessing).items():
             per_scale[name].append(crop.astype(np.float16))
@@ -105,7 +109,7 @@ def _card(report: dict) -> str:
 NOT FOR CLINICAL USE. A demonstration model for the M3NetSlicer software.
 
 - Architecture: M3Net (micro 24 mm, meso 48 mm, macro 96 mm views on 32^3 grids; scale attention; cross-scale InfoNCE, lambda {config['mi_weight']}).
-- Training data: {report['train_count']} generated nodules in generated lung surroundings (`m3netcore.data.synthetic`), half labelled malignant by a synthetic rule (larger, lobulated, spiculated, soft-edged, sometimes part-solid) and half benign (small, smooth, sharp, often calcified). No patient data.
+- Training data: {report['train_count']} generated nodules in generated lung surroundings (`m3netcore.data.synthetic`) at voxel sizes of {', '.join('x'.join(f'{v:g}' for v in s) for s in SCANNER_SPACINGS_MM)} mm, half labelled malignant by a synthetic rule (larger, lobulated, spiculated, soft-edged, sometimes part-solid) and half benign (small, smooth, sharp, often calcified). No patient data.
 - Calibration: temperature {report['temperature']:.3f} fitted on {validation['count']} generated validation nodules (AUC {validation['auc']:.3f}).
 - Held-out test ({test['count']} generated nodules, another seed): AUC {test['auc']:.3f}, accuracy {test['accuracy']:.3f}, log-loss {test['log_loss']:.3f}.
 - These numbers say the software learns what the generator encodes; they say nothing about real nodules or patients.

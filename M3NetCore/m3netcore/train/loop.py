@@ -20,12 +20,14 @@ class TrainConfig:
     """Args:
     epochs: passes over the training set.
     batch_size: nodules per step (InfoNCE contrasts within a batch).
-    learning_rate: AdamW peak learning rate, reached after ``warmup_fraction`` of the steps,
-        then cosine decay to zero.
+    learning_rate: AdamW peak learning rate.
+    warmup_fraction: share of the steps over which the rate rises linearly to its peak;
+        cosine decay to zero follows.
     weight_decay: AdamW weight decay.
     mi_weight: weight lambda of the cross-scale InfoNCE term (0 = the ablation).
     mi_temperature: InfoNCE softmax temperature.
-    seed: seeds initialisation order, shuffling and augmentation.
+    seed: seeds shuffling, augmentation and dropout (the network's initial weights come
+        from whoever built it).
     """
 
     epochs: int = 12

@@ -13,20 +13,18 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
-    positives, negatives = scores[labels], scores[~labels]
-    if positives.size == 0 or negatives.size == 0:
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
         raise ValueError("AUC needs both classes among the labels")
     order = np.argsort(scores, kind="mergesort")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = (ends - counts + ends + 1) / 2.0  # 1-based mean rank of each tie group
     ranks = np.empty(scores.size, dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    start = 0
-    for end in range(1, scores.size + 1):
-        if end == scores.size or sorted_scores[end] != sorted_scores[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2.0
-            start = end
-    u = ranks[labels].sum() - positives.size * (positives.size + 1) / 2.0
-    return float(u / (positives.size * negatives.size))
+    ranks[order] = average_rank[inverse]
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:

@@ -1,0 +1,91 @@
+"""The reference rows that head every results table: majority class and simple regressions.
+
+All rows use the stored patient-level folds: each fold's nodules are predicted by a model
+fitted on the other folds, and AUC and accuracy are computed on the pooled out-of-fold
+predictions, with 95% intervals from resampling patients (bootstrap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from m3netcore.data.labels import check_protocol
+from m3netcore.data.manifest import OTHER_RATINGS
+from m3netcore.train.metrics import roc_auc
+
+BOOTSTRAP_SAMPLES = 1000
+
+REFERENCE_MODELS = {
+    "majority class": (),
+    "diameter only (logistic regression)": ("diameter_mm",),
+    "diameter + readers' other ratings (logistic regression)": ("diameter_mm", *(f"mean_{n}" for n in OTHER_RATINGS)),
+}
+
+
+def reference_rows(rows: Sequence[dict], protocol: str, *, seed: int = 0) -> list[dict]:
+    """AUC and accuracy (with patient-bootstrap 95% CIs) of each reference model under ``protocol``."""
+    check_protocol(protocol)
+    kept = [r for r in rows if r[f"label_{protocol}"] is not None]
+    labels = np.asarray([r[f"label_{protocol}"] for r in kept], dtype=int)
+    folds = np.asarray([r["fold"] for r in kept], dtype=int)
+    patients = np.asarray([r["patient_id"] for r in kept])
+    table = []
+    for name, features in REFERENCE_MODELS.items():
+        scores = _out_of_fold_scores(kept, features, labels, folds)
+        predictions = (scores >= 0.5).astype(int)
+        auc, auc_ci = _with_interval(lambda idx, s=scores: roc_auc(s[idx], labels[idx]), patients, seed)
+        accuracy, accuracy_ci = _with_interval(
+            lambda idx, p=predictions: float(np.mean(p[idx] == labels[idx])), patients, seed
+        )
+        table.append(
+            {
+                "name": name,
+                "protocol": protocol,
+                "nodules": len(kept),
+                "malignant": int(labels.sum()),
+                "auc": auc,
+                "auc_ci": auc_ci,
+                "accuracy": accuracy,
+                "accuracy_ci": accuracy_ci,
+            }
+        )
+    return table
+
+
+def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scores = np.zeros(len(rows))
+    x = np.asarray([[r[f] for f in features] for r in rows], dtype=np.float64) if features else None
+    for fold in np.unique(folds):
+        test, train = folds == fold, folds != fold
+        if not features:  # the training folds' majority, the same constant for every nodule
+            scores[test] = float(labels[train].mean() >= 0.5)
+            continue
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        model.fit(x[train], labels[train])
+        scores[test] = model.predict_proba(x[test])[:, 1]
+    return scores
+
+
+def _with_interval(metric, patients: np.ndarray, seed: int) -> tuple[float, list[float]]:
+    """The metric on all nodules, and a 95% percentile interval resampling whole patients."""
+    everything = np.arange(patients.size)
+    value = metric(everything)
+    unique, inverse = np.unique(patients, return_inverse=True)
+    members = [np.nonzero(inverse == k)[0] for k in range(unique.size)]
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        chosen = rng.integers(0, unique.size, unique.size)
+        index = np.concatenate([members[k] for k in chosen])
+        try:
+            samples.append(metric(index))
+        except ValueError:  # a resample with one class only has no AUC
+            continue
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(value), [float(low), float(high)]

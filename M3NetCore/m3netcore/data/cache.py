@@ -1,0 +1,196 @@
+"""The training cache: per nodule a multi-scale pyramid of HU cubes, plus the manifest.
+
+One format for real LIDC images (``m3net lidc prepare``) and LIDC-phantom
+(``m3net lidc phantom``)::
+
+    CACHE/
+      cache.json           format, kind, whether semi-synthetic, pyramid spec, counts
+      manifest.csv         the nodule table (labels per protocol, folds) + LPS centre, index
+      pyramid_micro.npy    int16 HU, (N, S, S, S) [z, y, x], one cube per nodule
+      pyramid_meso.npy
+      pyramid_macro.npy
+
+Each cube is centred on the nodule, axis-aligned in LPS, at its view's voxel size, and
+``margin`` times the view's field of view, so training can rotate, flip, scale and shift
+the view without reading the CT again. A cache is built in a hidden folder beside its
+destination and renamed into place only when complete: there is never a half cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from m3netcore.atomic import write_text_atomic
+from m3netcore.crops import Preprocessing, ScaleSpec, default_preprocessing, sample_scale
+from m3netcore.data.manifest import read_rows_csv, rows_to_csv
+from m3netcore.errors import M3NetInputError
+
+FORMAT_NAME = "m3net-cache"
+FORMAT_VERSION = 1
+DEFAULT_MARGIN = 1.5  # a cube 1.5 x the view covers rotations up to ~35 degrees about any axis
+CENTRE_COLUMNS = ("centre_x_lps", "centre_y_lps", "centre_z_lps")
+
+
+def pyramid_specs(preprocessing: Preprocessing, margin: float = DEFAULT_MARGIN) -> tuple[ScaleSpec, ...]:
+    """The stored cube of each view: its voxel size, ``margin`` times its field of view (even grid)."""
+    specs = []
+    for scale in preprocessing.scales:
+        grid = tuple(2 * math.ceil(n * margin / 2) for n in scale.grid)
+        fov = tuple(g * s for g, s in zip(grid, scale.spacing_mm, strict=True))
+        specs.append(ScaleSpec(scale.name, fov, grid, scale.antialias))
+    return tuple(specs)
+
+
+@dataclass
+class Cache:
+    """An opened cache: its description, manifest rows and memory-mapped pyramids."""
+
+    path: Path
+    info: dict
+    rows: list[dict]
+    pyramids: dict[str, np.ndarray]
+
+    @property
+    def semi_synthetic(self) -> bool:
+        return bool(self.info.get("semi_synthetic"))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class CacheWriter:
+    """Builds a cache of ``count`` nodules in a hidden folder; :meth:`commit` moves it into place.
+
+    Use as a context manager: leaving the block by an exception removes the partial folder.
+    """
+
+    def __init__(
+        self,
+        destination: str | os.PathLike,
+        count: int,
+        *,
+        kind: str,
+        semi_synthetic: bool,
+        description: str,
+        preprocessing: Preprocessing | None = None,
+        margin: float = DEFAULT_MARGIN,
+        extra: dict | None = None,
+    ) -> None:
+        self.destination = Path(destination)
+        if self.destination.exists():
+            raise M3NetInputError(f"{self.destination} already exists; remove it or choose another --out")
+        if count < 1:
+            raise M3NetInputError("a cache needs at least one nodule")
+        self.preprocessing = preprocessing or default_preprocessing()
+        self.specs = pyramid_specs(self.preprocessing, margin)
+        self.count = count
+        self.rows: list[dict | None] = [None] * count
+        self.info = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "semi_synthetic": semi_synthetic,
+            "description": description,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "margin": margin,
+            "outside_hu": self.preprocessing.outside_hu,
+            "pyramid": [
+                {"name": s.name, "field_of_view_mm": list(s.field_of_view_mm), "grid": list(s.grid),
+                 "spacing_mm": list(s.spacing_mm)}
+                for s in self.specs
+            ],
+            "count": count,
+        } | (extra or {})
+        self.destination.parent.mkdir(parents=True, exist_ok=True)
+        self.work = self.destination.with_name(f".{self.destination.name}.partial-{secrets.token_hex(4)}")
+        self.work.mkdir()
+        self.pyramids = {
+            s.name: np.lib.format.open_memmap(
+                self.work / f"pyramid_{s.name}.npy", mode="w+", dtype=np.int16, shape=(count, *s.tensor_shape)
+            )
+            for s in self.specs
+        }
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if exc_type is not None or self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def add(self, index: int, image: sitk.Image, centre_lps: Sequence[float], row: dict) -> None:
+        """Sample nodule ``index``'s pyramid from ``image`` around ``centre_lps`` and keep its row."""
+        for spec in self.specs:
+            cube = sample_scale(image, centre_lps, spec, self.preprocessing.outside_hu)
+            self.pyramids[spec.name][index] = np.clip(np.round(cube), -32768, 32767).astype(np.int16)
+        self.rows[index] = dict(row) | {
+            "index": index,
+            **{name: round(float(v), 4) for name, v in zip(CENTRE_COLUMNS, centre_lps, strict=True)},
+        }
+
+    def commit(self) -> Path:
+        """Write the manifest and description, flush the pyramids, and move the cache into place."""
+        missing = [i for i, row in enumerate(self.rows) if row is None]
+        if missing:
+            raise M3NetInputError(f"cache incomplete: {len(missing)} of {self.count} nodules were not added")
+        for array in self.pyramids.values():
+            array.flush()
+        self.pyramids.clear()
+        write_text_atomic(self.work / "manifest.csv", rows_to_csv(self.rows))
+        write_text_atomic(self.work / "cache.json", json.dumps(self.info, indent=2) + "\n")
+        os.replace(self.work, self.destination)
+        return self.destination
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache for reading (pyramids memory-mapped).
+
+    Raises:
+        M3NetInputError: not a cache, another format version, or inconsistent files.
+    """
+    path = Path(path)
+    info_path = path / "cache.json"
+    if not info_path.is_file():
+        raise M3NetInputError(f"{path} is not an M3Net cache (no cache.json)")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise M3NetInputError(f"{info_path} is corrupt: {err}") from err
+    if info.get("format") != FORMAT_NAME or info.get("format_version") != FORMAT_VERSION:
+        raise M3NetInputError(
+            f"{path} is cache format {info.get('format')} v{info.get('format_version')}; "
+            f"this m3net-core reads {FORMAT_NAME} v{FORMAT_VERSION}"
+        )
+    rows = read_rows_csv(path / "manifest.csv")
+    pyramids = {}
+    for entry in info["pyramid"]:
+        file = path / f"pyramid_{entry['name']}.npy"
+        try:
+            pyramids[entry["name"]] = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise M3NetInputError(f"{file} is missing or corrupt: {err}") from err
+        if pyramids[entry["name"]].shape != (len(rows), *entry["grid"][::-1]):
+            raise M3NetInputError(f"{file} holds {pyramids[entry['name']].shape}, not {len(rows)} cubes")
+    return Cache(path=path, info=info, rows=rows, pyramids=pyramids)
+
+
+def cube_image(cache: Cache, scale: str, index: int) -> sitk.Image:
+    """One stored cube as a SimpleITK image in LPS (for viewing and checking)."""
+    entry = next(e for e in cache.info["pyramid"] if e["name"] == scale)
+    row = cache.rows[index]
+    spec = ScaleSpec(scale, tuple(entry["field_of_view_mm"]), tuple(entry["grid"]))
+    grid = spec.grid_at([row[c] for c in CENTRE_COLUMNS])
+    image = sitk.GetImageFromArray(np.asarray(cache.pyramids[scale][index], dtype=np.int16))
+    image.CopyInformation(grid.reference_image(sitk.sitkInt16))
+    return image

@@ -1,0 +1,131 @@
+"""LIDC annotations: reading, grouping readers into nodules, consensus, the real database's numbers."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from conftest import square, write_database
+
+from m3netcore.data.lidc import centre_lps, load_nodules, read_database
+from m3netcore.errors import M3NetInputError
+
+Z0 = -100.0 + 1.25 * 10  # a slice of the tiny databases
+
+
+def reader(column, row, half=4, slices=(10, 11, 12), malignancy=3, holes=()):
+    contours = [(-100.0 + 1.25 * k, square(column, row, half), True) for k in slices]
+    contours += [(-100.0 + 1.25 * k, square(c, r, h), False) for k, c, r, h in holes]
+    return {"malignancy": malignancy, "contours": contours}
+
+
+def test_readers_of_one_lesion_form_one_nodule_and_far_marks_another(tmp_path):
+    database = write_database(
+        tmp_path / "db.sqlite",
+        [reader(100, 100, malignancy=4), reader(101, 100, malignancy=5), reader(100, 102, malignancy=3),
+         reader(300, 300, malignancy=1)],
+    )  # fmt: skip
+    nodules = load_nodules(database)
+    assert [n.readers for n in nodules] == [3, 1]
+    first, second = nodules
+    assert first.ratings["malignancy"] == [4, 5, 3]
+    assert first.malignancy_mean == pytest.approx(4.0) and first.malignancy_median == 4
+    assert first.nodule_id == "LIDC-IDRI-9999-s1-n1" and second.nodule_id == "LIDC-IDRI-9999-s1-n2"
+    assert first.centre_pixel[2] == pytest.approx(-100.0 + 1.25 * 11)
+    assert second.centre_pixel[:2] == pytest.approx((300.0, 300.0))
+
+
+def test_consensus_keeps_voxels_inside_at_least_half_of_the_readers(tmp_path):
+    # Three readers' 9x9 squares at columns 96-104, 100-108 and 104-112: columns 100..108
+    # are inside at least two of the three outlines.
+    database = write_database(tmp_path / "db.sqlite", [reader(100, 100), reader(104, 100), reader(108, 100)])
+    (nodule,) = load_nodules(database)
+    assert nodule.mask.sum() == 9 * 9 * 3
+    assert nodule.centre_pixel[:2] == pytest.approx((104.0, 100.0))
+    assert nodule.volume_mm3 == pytest.approx(9 * 9 * 3 * 0.7 * 0.7 * 1.25)
+    # each reader's largest in-plane extent is the square's diagonal, 8 * sqrt(2) pixels
+    assert nodule.diameter_mm == pytest.approx(8 * np.sqrt(2) * 0.7)
+
+
+def test_with_two_readers_half_means_either(tmp_path):
+    (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [reader(100, 100), reader(104, 100)]))
+    assert nodule.mask.sum() == 13 * 9 * 3
+
+
+def test_exclusion_contours_cut_holes(tmp_path):
+    database = write_database(tmp_path / "db.sqlite", [reader(100, 100, half=6, holes=[(11, 100, 100, 1)])])
+    (nodule,) = load_nodules(database)
+    middle = nodule.mask[1]  # slice 11
+    row, column = 100 - nodule.mask_origin[1], 100 - nodule.mask_origin[2]
+    assert not middle[row, column]
+    assert nodule.mask[0][row, column] and nodule.mask[2][row, column]
+    # 13x13 squares on three slices, minus the 3x3 hole
+    assert nodule.mask.sum() == 13 * 13 * 3 - 9
+
+
+def test_more_than_four_touching_annotations_are_split(tmp_path):
+    # Four readers overlap; a fifth mark touches them one pixel away: at most four per nodule.
+    marks = [reader(100, 100)] * 4 + [reader(100, 109, half=4)]
+    (group, *rest) = load_nodules(write_database(tmp_path / "db.sqlite", marks))
+    assert group.readers == 4
+    assert [n.readers for n in rest] == [1]
+
+
+def test_centre_in_lps_follows_the_series_geometry(tmp_path):
+    (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [reader(100, 50, slices=(10,))]))
+    lps = centre_lps(nodule, (-150.0, -170.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    assert lps == pytest.approx((-150.0 + 100 * 0.7, -170.0 + 50 * 0.7, Z0))
+    flipped = centre_lps(nodule, (150.0, 170.0, 0.0), (-1.0, 0.0, 0.0), (0.0, -1.0, 0.0))
+    assert flipped == pytest.approx((150.0 - 100 * 0.7, 170.0 - 50 * 0.7, Z0))
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [("DROP TABLE contours", "no 'contours' table"), ("ALTER TABLE scans DROP COLUMN pixel_spacing", "pixel_spacing")],
+)
+def test_database_without_the_expected_tables_is_refused(tmp_path, statement, message):
+    database = write_database(tmp_path / "db.sqlite", [reader(100, 100)])
+    connection = sqlite3.connect(database)
+    connection.execute(statement)
+    connection.commit()
+    connection.close()
+    with pytest.raises(M3NetInputError, match=message):
+        read_database(database)
+
+
+def test_file_that_is_not_a_database_is_refused(tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not sqlite at all" * 10)
+    with pytest.raises(M3NetInputError, match="not a readable LIDC annotation database"):
+        read_database(junk)
+    with pytest.raises(M3NetInputError, match="no LIDC annotation database"):
+        read_database(tmp_path / "absent.sqlite")
+
+
+# --- the real database ----------------------------------------------------------------------
+
+
+def test_real_database_numbers_are_pinned(lidc_table):
+    from m3netcore.data.manifest import label_counts
+
+    assert len(lidc_table) == 2652  # LIDC.md: "expect about 2,650"
+    assert len({r["patient_id"] for r in lidc_table}) == 875
+    readers = np.bincount([min(r["readers"], 5) for r in lidc_table])
+    assert list(readers[1:5]) == [771, 490, 481, 896]
+    counts = label_counts(lidc_table)
+    assert counts["mean-excl3"] == {"benign": 1366, "malignant": 646, "excluded": 640}
+    assert counts["official"] == {"benign": 2006, "malignant": 646, "excluded": 0}
+    assert counts["median-excl3"] == {"benign": 1151, "malignant": 546, "excluded": 955}
+    # "About three in four nodules are then benign": the official protocol's floor.
+    assert counts["official"]["benign"] / len(lidc_table) == pytest.approx(0.756, abs=0.005)
+
+
+def test_real_nodules_have_plausible_geometry(lidc_table):
+    diameters = np.asarray([r["diameter_mm"] for r in lidc_table])
+    volumes = np.asarray([r["volume_mm3"] for r in lidc_table])
+    assert 3.0 <= np.median(diameters) <= 15.0 and diameters.max() < 80.0
+    assert np.all(volumes > 0)
+    # bigger nodules look more malignant to readers: a known property of LIDC
+    means = np.asarray([r["malignancy_mean"] for r in lidc_table])
+    assert np.corrcoef(diameters, means)[0, 1] > 0.4

@@ -1,0 +1,54 @@
+"""`m3net lidc nodules | stats | baselines` on the real annotations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from m3netcore.cli import main
+from m3netcore.data.manifest import read_rows_csv
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, lidc_cache_dir, lidc_table):
+    """Point the CLI at the session's computed table (``lidc_table`` fills the cache)."""
+    monkeypatch.setenv("M3NET_CACHE_DIR", str(lidc_cache_dir))
+
+
+def test_stats_json(capsys):
+    assert main(["lidc", "stats", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["nodules"] == 2652
+    assert document["protocols"]["official"] == {"benign": 2006, "malignant": 646, "excluded": 0}
+    assert sum(document["readers_per_nodule"].values()) == 2652
+
+
+def test_nodules_csv_has_one_row_per_nodule(tmp_path, capsys, lidc_table):
+    out = tmp_path / "nodules.csv"
+    assert main(["lidc", "nodules", "--out", str(out)]) == 0
+    rows = read_rows_csv(out)
+    assert len(rows) == 2652
+    assert rows[0]["nodule_id"] == lidc_table[0]["nodule_id"]
+    assert {"label_mean-excl3", "label_official", "fold", "diameter_mm", "centre_z_mm"} <= set(rows[0])
+    assert rows[5]["label_mean-excl3"] == lidc_table[5]["label_mean-excl3"]
+
+
+def test_baselines_json_and_text(capsys):
+    assert main(["lidc", "baselines", "--protocol", "official", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in table][0] == "majority class"
+    assert all({"name", "auc", "accuracy", "auc_ci"} <= set(row) for row in table)
+    assert main(["lidc", "baselines"]) == 0
+    text = capsys.readouterr().out
+    assert "protocol mean-excl3: 2012 nodules" in text and "protocol official: 2652 nodules" in text
+
+
+def test_bad_protocol_and_database_are_one_line_errors(tmp_path, capsys):
+    assert main(["lidc", "baselines", "--protocol", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("m3net: error: unknown label protocol")
+    junk = tmp_path / "db.sqlite"
+    junk.write_text("junk")
+    assert main(["lidc", "stats", "--database", str(junk)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not a readable LIDC annotation database" in error

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from conftest import square, write_database
 
-from m3netcore.data.lidc import centre_lps, load_nodules, read_database
+from m3netcore.data.lidc import load_nodules, read_database
 from m3netcore.errors import M3NetInputError
-
-Z0 = -100.0 + 1.25 * 10  # a slice of the tiny databases
 
 
 def reader(column, row, half=4, slices=(10, 11, 12), malignancy=3, holes=()):
@@ -70,14 +68,6 @@ def test_more_than_four_touching_annotations_are_split(tmp_path):
     (group, *rest) = load_nodules(write_database(tmp_path / "db.sqlite", marks))
     assert group.readers == 4
     assert [n.readers for n in rest] == [1]
-
-
-def test_centre_in_lps_follows_the_series_geometry(tmp_path):
-    (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [reader(100, 50, slices=(10,))]))
-    lps = centre_lps(nodule, (-150.0, -170.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
-    assert lps == pytest.approx((-150.0 + 100 * 0.7, -170.0 + 50 * 0.7, Z0))
-    flipped = centre_lps(nodule, (150.0, 170.0, 0.0), (-1.0, 0.0, 0.0), (0.0, -1.0, 0.0))
-    assert flipped == pytest.approx((150.0 - 100 * 0.7, 170.0 - 50 * 0.7, Z0))
 
 
 @pytest.mark.parametrize(

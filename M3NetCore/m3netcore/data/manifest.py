@@ -63,14 +63,15 @@ def nodule_rows(nodules: Sequence[Nodule]) -> list[dict]:
 def lidc_rows(database: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """The table of every LIDC nodule, computed once per database and kept in a cache.
 
-    The cache file is named by the database's SHA-256 and :data:`TABLE_VERSION`, so a new
-    database or a new table layout is recomputed (about 40 s on a 2-core machine).
+    The cache file is named by the database's SHA-256 and by the source of the modules that
+    compute the table, so a new database or changed code is recomputed (about 40 s on a
+    2-core machine).
     """
     path = Path(database) if database is not None else default_database_path()
     if not path.is_file():
         raise M3NetInputError(f"no LIDC annotation database at {path}")
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    cached = cache / f"lidc-nodules-v{TABLE_VERSION}-{_sha256(path)[:16]}.json"
+    cached = cache / f"lidc-nodules-v{TABLE_VERSION}-{_sha256(path)[:12]}-{_code_digest()[:12]}.json"
     if cached.is_file():
         try:
             return json.loads(cached.read_text(encoding="utf-8"))
@@ -127,6 +128,17 @@ def _parse(text: str):
         except ValueError:
             continue
     return text
+
+
+def _code_digest() -> str:
+    """SHA-256 of the modules whose code decides the table's content."""
+    from m3netcore.data import folds, labels, lidc
+
+    digest = hashlib.sha256(str(TABLE_VERSION).encode())
+    for module in (lidc, labels, folds):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -54,8 +54,8 @@ def random_nodule(rng: np.random.Generator, malignant: bool) -> NoduleAppearance
         margin = rng.uniform(0.2, 0.6)
         calcified = rng.random() < 0.5
         ground_glass = 0.0
-    lobes = tuple(tuple(_unit(rng)) for _ in range(int(rng.integers(3, 7))))
-    spikes = tuple((*_unit(rng), rng.uniform(0.3, 0.9) * diameter) for _ in range(spike_count))
+    lobes = tuple(tuple(unit_vector(rng)) for _ in range(int(rng.integers(3, 7))))
+    spikes = tuple((*unit_vector(rng), rng.uniform(0.3, 0.9) * diameter) for _ in range(spike_count))
     return NoduleAppearance(
         diameter_mm=float(diameter),
         solid_hu=float(rng.uniform(0.0, 60.0)),
@@ -84,17 +84,17 @@ def draw_nodule(
     for direction in nodule.lobe_directions:
         cosine = (offset[0] * direction[0] + offset[1] * direction[1] + offset[2] * direction[2]) / distance
         local_radius += radius * nodule.lobulation * np.clip(cosine, 0, None) ** 4
-    inside = _soft_step(local_radius - distance, nodule.margin_mm)
+    inside = soft_step(local_radius - distance, nodule.margin_mm)
     for *direction, length in nodule.spikes:
         start = np.asarray(direction) * radius * 0.8
         end = np.asarray(direction) * (radius + length)
         inside = np.maximum(inside, _capsule(offset, start, end, 0.7, 0.6) * 0.9)
     hu = np.full(distance.shape, nodule.solid_hu)
     if nodule.ground_glass_fraction > 0:
-        core = _soft_step(local_radius * (1 - nodule.ground_glass_fraction) - distance, 1.0)
+        core = soft_step(local_radius * (1 - nodule.ground_glass_fraction) - distance, 1.0)
         hu = -550.0 + core * (nodule.solid_hu + 550.0)
     if nodule.calcified:
-        hu = hu + _soft_step(radius * 0.55 - distance, 0.4) * 500.0
+        hu = hu + soft_step(radius * 0.55 - distance, 0.4) * 500.0
     region = volume[box]
     region[...] = region + inside * (hu - region)
 
@@ -114,11 +114,11 @@ def render_patch(
     shape = tuple(counts[::-1])
     volume = LUNG_HU + _texture(rng, shape, 25.0)
     if rng.random() < 0.5:  # chest wall on one side, at a distance
-        normal = _unit(rng)
+        normal = unit_vector(rng)
         distance = rng.uniform(radius_clearance(nodule) + 4.0, 45.0)
         zz, yy, xx = np.meshgrid(*axes, indexing="ij", sparse=True)
         depth = xx * normal[0] + yy * normal[1] + zz * normal[2] - distance
-        volume += _soft_step(depth, 1.0) * (SOFT_TISSUE_HU - volume)
+        volume += soft_step(depth, 1.0) * (SOFT_TISSUE_HU - volume)
     for _ in range(int(rng.integers(4, 10))):
         _draw_vessel(volume, axes, rng, extent_mm=size_mm / 2, avoid_mm=radius_clearance(nodule))
     draw_nodule(volume, axes, np.zeros(3), nodule)
@@ -160,7 +160,7 @@ def demo_ct(seed: int = 7) -> tuple[sitk.Image, list[tuple[str, tuple[float, flo
             direction = np.array([side * rng.uniform(0.4, 1.0), rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.9)])
             direction /= np.linalg.norm(direction)
             end = start + direction * rng.uniform(40, 70)
-            _draw_segment(volume, axes, start, end, rng.uniform(1.5, 3.0), lungs)
+            draw_segment(volume, axes, start, end, rng.uniform(1.5, 3.0), lungs)
     nodules = [
         ("N-1 suspicious", (-52.0, -18.0, 22.0), random_nodule(np.random.default_rng(seed + 1), malignant=True)),
         ("N-2 calcified", (44.0, 12.0, -35.0), _calcified_nodule(np.random.default_rng(seed + 2))),
@@ -182,13 +182,13 @@ def _calcified_nodule(rng: np.random.Generator) -> NoduleAppearance:
 def _draw_vessel(volume, axes, rng, extent_mm: float, avoid_mm: float) -> None:
     for _ in range(20):  # vessels pass by the nodule but do not run through its centre
         start = rng.uniform(-extent_mm, extent_mm, 3)
-        end = start + _unit(rng) * rng.uniform(30, 90)
+        end = start + unit_vector(rng) * rng.uniform(30, 90)
         if _point_segment_distance(np.zeros(3), start, end) > avoid_mm + 2:
-            _draw_segment(volume, axes, start, end, rng.uniform(0.6, 2.2), None)
+            draw_segment(volume, axes, start, end, rng.uniform(0.6, 2.2), None)
             return
 
 
-def _draw_segment(volume, axes, start, end, radius, mask) -> None:
+def draw_segment(volume, axes, start, end, radius, mask) -> None:
     low = np.minimum(start, end) - radius - 2
     high = np.maximum(start, end) + radius + 2
     slices = []
@@ -220,7 +220,7 @@ def _capsule(offset, start, end, radius: float, blur: float) -> np.ndarray:
     rel = [offset[k] - start[k] for k in range(3)]
     t = np.clip((rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) / length_sq, 0.0, 1.0)
     distance = np.sqrt(sum((rel[k] - t * axis[k]) ** 2 for k in range(3)))
-    return _soft_step(radius - distance, blur)
+    return soft_step(radius - distance, blur)
 
 
 def _point_segment_distance(point, start, end) -> float:
@@ -229,7 +229,7 @@ def _point_segment_distance(point, start, end) -> float:
     return float(np.linalg.norm(point - (start + t * axis)))
 
 
-def _soft_step(signed_mm: np.ndarray, width_mm: float) -> np.ndarray:
+def soft_step(signed_mm: np.ndarray, width_mm: float) -> np.ndarray:
     """0 outside, 1 inside, a smooth edge of about ``width_mm`` (partial volume)."""
     return np.clip(0.5 + signed_mm / max(width_mm, 1e-3), 0.0, 1.0)
 
@@ -241,7 +241,7 @@ def _texture(rng: np.random.Generator, shape: tuple[int, ...], amplitude_hu: flo
     return (fine.numpy() * amplitude_hu).astype(np.float32)
 
 
-def _unit(rng: np.random.Generator) -> np.ndarray:
+def unit_vector(rng: np.random.Generator) -> np.ndarray:
     v = rng.normal(size=3)
     return v / np.linalg.norm(v)
 

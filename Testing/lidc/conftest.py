@@ -27,7 +27,13 @@ def lidc_table(lidc_cache_dir) -> list[dict]:
 
 def square(column: float, row: float, half: int) -> list[tuple[float, float]]:
     """The outline of a square of pixels, as a reader's contour (boundary pixels, in order)."""
-    low_c, high_c, low_r, high_r = column - half, column + half, row - half, row + half
+    return rectangle(column, row, half, half)
+
+
+def rectangle(column: float, row: float, half_columns: int, half_rows: int) -> list[tuple[float, float]]:
+    """The outline of a rectangle of pixels: the first pixels outside it, in order (LIDC's way)."""
+    low_c, high_c = column - half_columns, column + half_columns
+    low_r, high_r = row - half_rows, row + half_rows
     outline = [(c, low_r) for c in range(int(low_c), int(high_c) + 1)]
     outline += [(high_c, r) for r in range(int(low_r) + 1, int(high_r) + 1)]
     outline += [(c, high_r) for c in range(int(high_c) - 1, int(low_c) - 1, -1)]

@@ -60,6 +60,14 @@ def test_real_folds_are_by_patient_and_balanced(lidc_table):
     assert max(malignant_share) - min(malignant_share) < 0.06
 
 
+def test_one_class_protocol_is_an_input_error(lidc_table):
+    from m3netcore.errors import M3NetInputError
+
+    only_malignant = [r for r in lidc_table if r["label_official"] == 1]
+    with pytest.raises(M3NetInputError, match="one class"):
+        reference_rows(only_malignant, "official")
+
+
 def test_reference_rows_on_real_lidc(lidc_table):
     rows = {r["name"]: r for r in reference_rows(lidc_table, "official")}
     majority = rows["majority class"]

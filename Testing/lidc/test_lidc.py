@@ -6,7 +6,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import square, write_database
+from conftest import rectangle, square, write_database
 
 from m3netcore.data.lidc import load_nodules, read_database
 from m3netcore.errors import M3NetInputError
@@ -35,31 +35,52 @@ def test_readers_of_one_lesion_form_one_nodule_and_far_marks_another(tmp_path):
 
 
 def test_consensus_keeps_voxels_inside_at_least_half_of_the_readers(tmp_path):
-    # Three readers' 9x9 squares at columns 96-104, 100-108 and 104-112: columns 100..108
-    # are inside at least two of the three outlines.
+    # Outlines are drawn on the first pixels outside the nodule, so a 9x9 outline encloses
+    # 7x7 pixels. Readers' interiors at columns 97-103, 101-107 and 105-111: columns
+    # 101-103 and 105-107 are inside two of the three (104 is inside only the middle one).
     database = write_database(tmp_path / "db.sqlite", [reader(100, 100), reader(104, 100), reader(108, 100)])
     (nodule,) = load_nodules(database)
-    assert nodule.mask.sum() == 9 * 9 * 3
+    assert nodule.mask.sum() == 6 * 7 * 3
     assert nodule.centre_pixel[:2] == pytest.approx((104.0, 100.0))
-    assert nodule.volume_mm3 == pytest.approx(9 * 9 * 3 * 0.7 * 0.7 * 1.25)
-    # each reader's largest in-plane extent is the square's diagonal, 8 * sqrt(2) pixels
+    assert nodule.volume_mm3 == pytest.approx(6 * 7 * 3 * 0.7 * 0.7 * 1.25)
+    # each reader's largest in-plane extent is its outline's diagonal, 8 * sqrt(2) pixels
     assert nodule.diameter_mm == pytest.approx(8 * np.sqrt(2) * 0.7)
 
 
 def test_with_two_readers_half_means_either(tmp_path):
     (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [reader(100, 100), reader(104, 100)]))
-    assert nodule.mask.sum() == 13 * 9 * 3
+    assert nodule.mask.sum() == 11 * 7 * 3
+
+
+def test_outline_pixels_are_outside_but_a_tiny_outline_keeps_its_pixels(tmp_path):
+    tiny = {"malignancy": 3, "contours": [(-100.0 + 1.25 * 10, [(50, 50), (51, 50), (51, 51)], True)]}
+    (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [tiny]))
+    assert nodule.mask.sum() == 3
+
+
+def test_rows_and_columns_are_not_swapped(tmp_path):
+    wide = {"malignancy": 3, "contours": [(-100.0 + 1.25 * 10, rectangle(200, 80, 6, 2), True)]}
+    (nodule,) = load_nodules(write_database(tmp_path / "db.sqlite", [wide]))
+    rows, columns = np.nonzero(nodule.mask[0])
+    assert np.ptp(columns) + 1 == 11 and np.ptp(rows) + 1 == 3  # interior of a 13 x 5 outline
+    assert nodule.centre_pixel[:2] == pytest.approx((200.0, 80.0))
 
 
 def test_exclusion_contours_cut_holes(tmp_path):
-    database = write_database(tmp_path / "db.sqlite", [reader(100, 100, half=6, holes=[(11, 100, 100, 1)])])
+    database = write_database(tmp_path / "db.sqlite", [reader(100, 100, half=6, holes=[(11, 100, 100, 2)])])
     (nodule,) = load_nodules(database)
     middle = nodule.mask[1]  # slice 11
     row, column = 100 - nodule.mask_origin[1], 100 - nodule.mask_origin[2]
     assert not middle[row, column]
     assert nodule.mask[0][row, column] and nodule.mask[2][row, column]
-    # 13x13 squares on three slices, minus the 3x3 hole
-    assert nodule.mask.sum() == 13 * 13 * 3 - 9
+    # 11x11 interiors on three slices, minus the hole's 3x3 interior
+    assert nodule.mask.sum() == 11 * 11 * 3 - 9
+
+
+def test_marks_without_outlines_are_ignored(tmp_path):
+    empty = {"malignancy": 5, "contours": []}
+    nodules = load_nodules(write_database(tmp_path / "db.sqlite", [reader(100, 100), empty]))
+    assert [n.readers for n in nodules] == [1]
 
 
 def test_more_than_four_touching_annotations_are_split(tmp_path):

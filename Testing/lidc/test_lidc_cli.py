@@ -32,6 +32,10 @@ def test_nodules_csv_has_one_row_per_nodule(tmp_path, capsys, lidc_table):
     assert rows[0]["nodule_id"] == lidc_table[0]["nodule_id"]
     assert {"label_mean-excl3", "label_official", "fold", "diameter_mm", "centre_z_mm"} <= set(rows[0])
     assert rows[5]["label_mean-excl3"] == lidc_table[5]["label_mean-excl3"]
+    # every reader's ratings, one value per reader
+    for row in rows[:50]:
+        assert len(str(row["texture_ratings"]).split(";")) == row["readers"]
+        assert len(str(row["malignancy_ratings"]).split(";")) == row["readers"]
 
 
 def test_baselines_json_and_text(capsys):
@@ -42,6 +46,15 @@ def test_baselines_json_and_text(capsys):
     assert main(["lidc", "baselines"]) == 0
     text = capsys.readouterr().out
     assert "protocol mean-excl3: 2012 nodules" in text and "protocol official: 2652 nodules" in text
+
+
+def test_too_few_patients_or_one_class_are_one_line_errors(tmp_path, capsys):
+    from conftest import square, write_database
+
+    one = {"malignancy": 4, "contours": [(-100.0 + 1.25 * 10, square(100, 100, 4), True)]}
+    tiny = write_database(tmp_path / "tiny.sqlite", [one])
+    assert main(["lidc", "stats", "--database", str(tiny)]) == 2
+    assert "need at least 5 patients" in capsys.readouterr().err
 
 
 def test_bad_protocol_and_database_are_one_line_errors(tmp_path, capsys):

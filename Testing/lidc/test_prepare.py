@@ -190,6 +190,26 @@ def test_a_series_with_a_missing_slice_leaves_no_cache(tmp_path, lidc) -> None:
     assert list(out.parent.iterdir()) == []  # neither the cache nor its hidden partial folder
 
 
+def test_an_unusable_series_is_left_out_and_listed(tmp_path, lidc) -> None:
+    usable = [n for n in lidc.nodules if n.scan.id == 850]
+    write_lidc_series(tmp_path / "LIDC-IDRI", usable, **VARIANTS[850])
+    broken = next(n.scan for n in lidc.nodules if n.scan.id == 813)
+    folder = tmp_path / "LIDC-IDRI" / broken.patient_id / "study" / "series"
+    z_positions = np.delete(broken.z_positions_mm[80:90], 5)
+    write_series(folder, broken, z_positions, [np.full((64, 64), AIR_HU)] * len(z_positions), **VARIANTS[813])
+    out = tmp_path / "out" / "cache"
+
+    code, _, stderr = run(["lidc", "prepare", "--dicom-root", tmp_path / "LIDC-IDRI", "--out", out])
+
+    assert code == 0, stderr
+    cache = open_cache(out)
+    assert sorted(row["nodule_id"] for row in cache.rows) == sorted(n.nodule_id for n in usable)
+    assert [row["index"] for row in cache.rows] == list(range(len(cache)))
+    (skipped,) = cache.info["skipped_series"]
+    assert broken.series_uid in skipped and "unevenly spaced" in skipped
+    assert "left out 1 unusable series" in stderr
+
+
 def test_no_matching_series_is_an_error(tmp_path, lidc) -> None:
     scan = SimpleNamespace(
         series_uid="1.2.826.0.1.3680043.8.498.99",

@@ -13,6 +13,7 @@ import numpy as np
 
 from m3netcore.data.labels import check_protocol
 from m3netcore.data.manifest import OTHER_RATINGS
+from m3netcore.errors import M3NetInputError
 from m3netcore.train.metrics import roc_auc
 
 BOOTSTRAP_SAMPLES = 1000
@@ -29,6 +30,8 @@ def reference_rows(rows: Sequence[dict], protocol: str, *, seed: int = 0) -> lis
     check_protocol(protocol)
     kept = [r for r in rows if r[f"label_{protocol}"] is not None]
     labels = np.asarray([r[f"label_{protocol}"] for r in kept], dtype=int)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise M3NetInputError(f"protocol {protocol} leaves {labels.size} nodules of one class: nothing to separate")
     folds = np.asarray([r["fold"] for r in kept], dtype=int)
     patients = np.asarray([r["patient_id"] for r in kept])
     table = []
@@ -66,6 +69,8 @@ def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray, folds
         if not features:  # the training folds' majority, the same constant for every nodule
             scores[test] = float(labels[train].mean() >= 0.5)
             continue
+        if labels[train].min() == labels[train].max():
+            raise M3NetInputError(f"fold {fold}'s training nodules are all of one class")
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
         model.fit(x[train], labels[train])
         scores[test] = model.predict_proba(x[test])[:, 1]
@@ -87,5 +92,7 @@ def _with_interval(metric, patients: np.ndarray, seed: int) -> tuple[float, list
             samples.append(metric(index))
         except ValueError:  # a resample with one class only has no AUC
             continue
+    if not samples:
+        return float(value), [float("nan"), float("nan")]
     low, high = np.percentile(samples, [2.5, 97.5])
     return float(value), [float(low), float(high)]

@@ -152,11 +152,21 @@ class CacheWriter:
             **{name: round(float(v), 4) for name, v in zip(CENTRE_COLUMNS, centre_lps, strict=True)},
         }
 
-    def commit(self) -> Path:
-        """Write the manifest and description, flush the pyramids, and move the cache into place."""
-        missing = [i for i, row in enumerate(self.rows) if row is None]
-        if missing:
-            raise M3NetInputError(f"cache incomplete: {len(missing)} of {self.count} nodules were not added")
+    def commit(self, *, allow_missing: bool = False) -> Path:
+        """Write the manifest and description, flush the pyramids, and move the cache into place.
+
+        Args:
+            allow_missing: keep only the nodules that were added (their order kept, indices
+                renumbered) instead of refusing an incomplete cache.
+        """
+        kept = [i for i, row in enumerate(self.rows) if row is not None]
+        if len(kept) < self.count:
+            if not allow_missing:
+                missing = self.count - len(kept)
+                raise M3NetInputError(f"cache incomplete: {missing} of {self.count} nodules were not added")
+            if not kept:
+                raise M3NetInputError("no nodule could be added: no cache written")
+            self._compact(kept)
         for array in self.pyramids.values():
             array.flush()
         self.pyramids.clear()
@@ -164,6 +174,23 @@ class CacheWriter:
         write_text_atomic(self.work / "cache.json", json.dumps(self.info, indent=2) + "\n")
         os.replace(self.work, self.destination)
         return self.destination
+
+
+    def _compact(self, kept: list[int]) -> None:
+        """Rewrite the pyramids with only the ``kept`` nodules."""
+        for spec in self.specs:
+            file = self.work / f"pyramid_{spec.name}.npy"
+            compact = np.lib.format.open_memmap(
+                file.with_suffix(".compact.npy"), mode="w+", dtype=np.int16, shape=(len(kept), *spec.tensor_shape)
+            )
+            for new, old in enumerate(kept):
+                compact[new] = self.pyramids[spec.name][old]
+            compact.flush()
+            del self.pyramids[spec.name]
+            os.replace(file.with_suffix(".compact.npy"), file)
+            self.pyramids[spec.name] = np.load(file, mmap_mode="r+")
+        self.rows = [self.rows[old] | {"index": new} for new, old in enumerate(kept)]
+        self.count = self.info["count"] = len(kept)
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
@@ -185,6 +212,8 @@ def open_cache(path: str | os.PathLike) -> Cache:
             f"{path} is cache format {info.get('format')} v{info.get('format_version')}; "
             f"this m3net-core reads {FORMAT_NAME} v{FORMAT_VERSION}"
         )
+    if not isinstance(info.get("pyramid"), list) or not (path / "manifest.csv").is_file():
+        raise M3NetInputError(f"{path} is an incomplete cache (no pyramid description or manifest.csv)")
     rows = read_rows_csv(path / "manifest.csv")
     pyramids = {}
     for entry in info["pyramid"]:

@@ -22,6 +22,8 @@ def patient_folds(
         raise ValueError(f"{len(patients)} patients for {len(strata)} strata")
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
+    if len(set(patients)) < folds:
+        raise ValueError(f"{folds} patient-level folds need at least {folds} patients, got {len(set(patients))}")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     assignment = np.full(len(patients), -1, dtype=int)
     for fold, (_, test) in enumerate(splitter.split(np.zeros(len(patients)), np.asarray(strata), np.asarray(patients))):

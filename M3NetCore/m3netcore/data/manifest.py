@@ -51,11 +51,15 @@ def nodule_rows(nodules: Sequence[Nodule]) -> list[dict]:
             "malignancy_median": nodule.malignancy_median,
         }
         row |= {f"mean_{name}": round(nodule.mean_rating(name), 4) for name in OTHER_RATINGS}
+        row |= {f"{name}_ratings": ";".join(str(r) for r in nodule.ratings[name]) for name in OTHER_RATINGS}
         row |= {f"label_{p}": malignancy_label(malignancy, p) for p in PROTOCOLS}
         rows.append(row)
     strata = [int(np.clip(round(r["malignancy_mean"]), 1, 5)) for r in rows]
-    for row, fold in zip(rows, patient_folds([r["patient_id"] for r in rows], strata, folds=FOLDS, seed=FOLD_SEED),
-                         strict=True):
+    try:
+        folds = patient_folds([r["patient_id"] for r in rows], strata, folds=FOLDS, seed=FOLD_SEED)
+    except ValueError as err:
+        raise M3NetInputError(f"cannot split these nodules into folds: {err}") from err
+    for row, fold in zip(rows, folds, strict=True):
         row["fold"] = int(fold)
     return rows
 
@@ -132,9 +136,11 @@ def _parse(text: str):
 
 def _code_digest() -> str:
     """SHA-256 of the modules whose code decides the table's content."""
+    import sklearn
+
     from m3netcore.data import folds, labels, lidc
 
-    digest = hashlib.sha256(str(TABLE_VERSION).encode())
+    digest = hashlib.sha256(f"{TABLE_VERSION} sklearn {sklearn.__version__}".encode())
     for module in (lidc, labels, folds):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())

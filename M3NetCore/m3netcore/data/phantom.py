@@ -56,7 +56,8 @@ def render_nodule_cubes(
     """The phantom's pyramid cubes (HU) for one nodule, and its centre in the phantom's LPS.
 
     The phantom's scan grid is the real scan's: x = column * pixel spacing, y = row *
-    pixel spacing, z = the real slice positions (identity orientation). The finest views
+    pixel spacing, z = the scan's first slice + k * its slice spacing (identity
+    orientation), which are the real slice positions of every evenly sliced scan. The finest views
     are sampled from a region rendered at that grid; the largest from the same scene
     rendered at 1.5 mm, with the fine region pasted in.
     """
@@ -135,17 +136,20 @@ class _Scene:
                 return start, end, float(self.rng.uniform(0.6, 2.5))
         return None
 
-    def _axes(self, half_mm: float, spacing: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Voxel-centre coordinates (z, y, x) of a box around the centre on the given lattice.
-
-        The fine box is aligned with the real scan's voxel lattice (its pixels and slices).
-        """
+    def _axes(self, half_mm: float, spacing: np.ndarray, anchor: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Voxel-centre coordinates (z, y, x) of a box around the centre, on the lattice
+        ``anchor + k * spacing`` (for the fine box: the scan's pixels and its first slice)."""
         axes = []
         for k in (2, 1, 0):
-            first = np.floor((self.centre[k] - half_mm) / spacing[k])
-            last = np.ceil((self.centre[k] + half_mm) / spacing[k])
-            axes.append(np.arange(first, last + 1) * spacing[k])
+            first = np.floor((self.centre[k] - half_mm - anchor[k]) / spacing[k])
+            last = np.ceil((self.centre[k] + half_mm - anchor[k]) / spacing[k])
+            axes.append(anchor[k] + np.arange(first, last + 1) * spacing[k])
         return tuple(axes)
+
+    @property
+    def _scan_anchor(self) -> np.ndarray:
+        """Where the scan's lattice has index 0: pixel (0, 0) of its first slice."""
+        return np.array([0.0, 0.0, float(self.nodule.scan.z_positions_mm[0])])
 
     def _background(self, axes: tuple[np.ndarray, ...]) -> np.ndarray:
         zz, yy, xx = np.meshgrid(*axes, indexing="ij", sparse=True)
@@ -170,7 +174,7 @@ class _Scene:
 
     def render_fine(self, half_mm: float) -> sitk.Image:
         """The region around the nodule on the scan's own voxel lattice, nodule drawn, CT effects applied."""
-        axes = self._axes(half_mm, self.spacing)
+        axes = self._axes(half_mm, self.spacing, self._scan_anchor)
         volume = self._background(axes)
         fraction, hu = self._nodule_fields(axes)
         volume += fraction * (hu - volume)
@@ -182,7 +186,7 @@ class _Scene:
 
     def render_coarse(self, spacing_mm: float) -> sitk.Image:
         spacing = np.full(3, spacing_mm)
-        axes = self._axes(self.half, spacing)
+        axes = self._axes(self.half, spacing, self.centre)
         volume = self._background(axes)
         scale = np.sqrt(np.prod(self.spacing) / spacing_mm**3)
         volume += self.rng.normal(0.0, NOISE_HU * scale, volume.shape)
@@ -195,10 +199,11 @@ class _Scene:
         nodule, scan = self.nodule, self.nodule.scan
         shape = tuple(a.size for a in axes)
         mask = np.zeros(shape, dtype=np.float32)
-        # The fine box is on the scan's lattice: find the mask's offset in it.
-        first = [int(round(axes[0][0] / self.spacing[2])), int(round(axes[1][0] / self.spacing[1])),
-                 int(round(axes[2][0] / self.spacing[0]))]
-        slice0 = int(round(scan.z_positions_mm[nodule.mask_origin[0]] / self.spacing[2]))
+        # The fine box is on the scan's lattice: find the mask's offset in it. A scan with
+        # uneven slices places the mask's first slice at the lattice slice nearest its z.
+        anchor = self._scan_anchor
+        first = [int(round((axes[i][0] - anchor[2 - i]) / self.spacing[2 - i])) for i in range(3)]
+        slice0 = int(round((scan.z_positions_mm[nodule.mask_origin[0]] - anchor[2]) / self.spacing[2]))
         origin = (slice0, nodule.mask_origin[1], nodule.mask_origin[2])
         start = [o - f for o, f in zip(origin, first, strict=True)]
         region = tuple(slice(max(s, 0), min(s + n, size)) for s, n, size in zip(start, nodule.mask.shape, shape,

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from m3netcore.atomic import write_text_atomic
 from m3netcore.crops import Preprocessing, default_preprocessing
 from m3netcore.data.cache import CacheWriter, pyramid_specs
 from m3netcore.data.lidc import Nodule, load_nodules
-from m3netcore.data.manifest import lidc_rows
+from m3netcore.data.manifest import lidc_rows, rows_to_csv
 from m3netcore.data.phantom import nodule_appearance, render_nodule_cubes
 from m3netcore.errors import M3NetInputError
 
@@ -42,6 +43,8 @@ def build_phantom_cache(
     started = time.perf_counter()
     if Path(out).exists():
         raise M3NetInputError(f"{out} already exists; remove it or choose another --out")
+    if seed < 0:
+        raise M3NetInputError(f"--seed must be a non-negative integer, got {seed}")
     preprocessing = preprocessing or default_preprocessing()
     rows = lidc_rows(database)  # labels and folds over the whole database, as everywhere else
     if limit is not None:
@@ -69,13 +72,17 @@ def build_phantom_cache(
             initializer=_start_worker,
             initargs=(nodules, specs, preprocessing, seed),
         ) as pool:
-            for done, (index, cubes, centre) in enumerate(
-                pool.map(_render, range(len(nodules)), chunksize=8), start=1
-            ):
-                row = rows[index] | _appearance_columns(nodules[index])
-                writer.add_cubes(index, cubes, centre, row)
-                if done % 250 == 0 or done == len(nodules):
-                    log(f"rendered {done}/{len(nodules)} ({time.perf_counter() - started:.0f} s)")
+            try:
+                for done, (index, cubes, centre) in enumerate(
+                    pool.map(_render, range(len(nodules)), chunksize=8), start=1
+                ):
+                    row = rows[index] | _appearance_columns(nodules[index])
+                    writer.add_cubes(index, cubes, centre, row)
+                    if done % 250 == 0 or done == len(nodules):
+                        log(f"rendered {done}/{len(nodules)} ({time.perf_counter() - started:.0f} s)")
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # do not render the rest first
+                raise
         _save_preview(writer, nodules, rows)
         path = writer.commit()
     log(f"wrote {path} in {time.perf_counter() - started:.0f} s")
@@ -106,8 +113,22 @@ def _appearance_columns(nodule: Nodule) -> dict:
     }
 
 
+def preview_indices(count: int) -> list[int]:
+    """The nodules shown in ``preview.png`` (and listed in ``preview.csv``): a fixed random draw."""
+    rng = np.random.default_rng(0)
+    return sorted(int(i) for i in rng.choice(count, size=min(PREVIEW_COUNT, count), replace=False))
+
+
 def _save_preview(writer: CacheWriter, nodules: Sequence[Nodule], rows: Sequence[dict]) -> None:
-    """``preview.png`` in the cache: a few nodules' micro views beside their readers' ratings."""
+    """``preview.png`` in the cache: a few nodules' micro views; ``preview.csv``: their ratings."""
+    chosen = preview_indices(len(nodules))
+    listed = [
+        {"nodule_id": rows[i]["nodule_id"], "diameter_mm": rows[i]["diameter_mm"]}
+        | {f"{name}_ratings": "/".join(map(str, nodules[i].ratings[name]))
+           for name in ("texture", "margin", "calcification", "internalStructure", "malignancy")}
+        for i in chosen
+    ]  # fmt: skip
+    write_text_atomic(writer.work / "preview.csv", rows_to_csv(listed))
     try:
         import matplotlib
 
@@ -115,8 +136,6 @@ def _save_preview(writer: CacheWriter, nodules: Sequence[Nodule], rows: Sequence
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rng = np.random.default_rng(0)
-    chosen = sorted(rng.choice(len(nodules), size=min(PREVIEW_COUNT, len(nodules)), replace=False))
     columns = 6
     lines = (len(chosen) + columns - 1) // columns
     figure, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.3 * lines), squeeze=False)

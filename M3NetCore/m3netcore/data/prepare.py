@@ -51,7 +51,9 @@ def prepare_lidc_cache(
         M3NetInputError: ``dicom_root`` is not a folder, ``out`` exists, the database is
             missing or not an LIDC database, no series under ``dicom_root`` is an LIDC
             series with nodules, a series has missing slices or several series mixed, or a
-            nodule falls outside its series. Nothing is left at ``out`` then.
+            nodule falls outside its series and no other series is usable. Nothing is left at
+            ``out`` then. Unusable series among usable ones are left out with a warning and
+            listed in the cache's ``cache.json`` (``skipped_series``).
     """
     from m3netcore.data.cache import CacheWriter
     from m3netcore.data.manifest import lidc_rows
@@ -98,23 +100,35 @@ def prepare_lidc_cache(
     with CacheWriter(
         destination, len(kept), kind="lidc", semi_synthetic=False, description=description, extra=extra
     ) as writer:
+        skipped: list[str] = []
         for number, uid in enumerate(found, start=1):
             series_rows = rows_by_series[uid]
+            patient = series_rows[0]["patient_id"]
+            # One unusable series (e.g. LIDC-IDRI-0123's uneven slices, which a volume with one
+            # spacing cannot represent) is left out with a warning, not the whole cache.
             try:
                 image = read_image(folders[uid], series_uid=uid)
+                centres = [
+                    nodule_centre_lps(
+                        image, (float(row["centre_column"]), float(row["centre_row"]), float(row["centre_z_mm"]))
+                    )
+                    for row in series_rows
+                ]
             except M3NetInputError as err:
-                raise M3NetInputError(f"LIDC series {uid} ({series_rows[0]['patient_id']}): {err}") from err
-            for row in series_rows:
-                centre = (float(row["centre_column"]), float(row["centre_row"]), float(row["centre_z_mm"]))
-                try:
-                    centre_lps = nodule_centre_lps(image, centre)
-                except M3NetInputError as err:
-                    raise M3NetInputError(f"LIDC series {uid}, nodule {row['nodule_id']}: {err}") from err
+                skipped.append(f"LIDC series {uid} ({patient}): {err}")
+                log(f"[{number}/{len(found)}] {patient}: skipped: {err}")
+                continue
+            for row, centre_lps in zip(series_rows, centres, strict=True):
                 writer.add(index, image, centre_lps, row)
                 index += 1
-            log(f"[{number}/{len(found)}] {series_rows[0]['patient_id']}: {len(series_rows)} nodules")
-        path = writer.commit()
-    log(f"wrote {len(kept)} nodules of {len(found)} series to {path}")
+            log(f"[{number}/{len(found)}] {patient}: {len(series_rows)} nodules")
+        if index == 0:
+            raise M3NetInputError("no nodule could be cached: " + "; ".join(skipped))
+        if skipped:
+            writer.info["skipped_series"] = skipped
+            warnings.warn(f"left out {len(skipped)} unusable series: {'; '.join(skipped)}", M3NetWarning, stacklevel=2)
+        path = writer.commit(allow_missing=True)
+    log(f"wrote {index} nodules of {len(found) - len(skipped)} series to {path}")
     return path
 
 

@@ -7,17 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from ct_dicom import write_ct_slice
+from pydicom.uid import generate_uid
 
 from m3netcore import M3NetInputError, M3NetWarning, read_image
 from m3netcore.io import SERIES_UID_TAG, series_uid_of
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RESCALE_INTERCEPT = -1024
 ORIGIN = (-10.5, 20.25, -100.0)
 SPACING = (0.7, 0.8, 2.5)
 
@@ -57,39 +54,18 @@ def write_ct_series(
     for instance, k in enumerate(slices, start=1):
         if k in skip_slices:
             continue
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.Modality = "CT"
-        ds.PatientID = "PHANTOM"
-        ds.PatientName = "Phantom^Test"
-        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.10"
-        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.11"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = instance
-        position = np.asarray(origin) + k * spacing[2] * direction[:, 2]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.ImageOrientationPatient = [f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1])]
-        ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]  # row spacing (y), column spacing (x)
-        ds.SliceThickness = f"{spacing[2]:g}"
-        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = str(RESCALE_INTERCEPT)
-        ds.RescaleSlope = "1"
-        ds.PixelData = (hu[k].astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16).tobytes()
-        pydicom.dcmwrite(folder / f"IM{instance:04d}.dcm", ds, enforce_file_format=True)
+        write_ct_slice(
+            folder / f"IM{instance:04d}.dcm",
+            hu[k],
+            position=np.asarray(origin) + k * spacing[2] * direction[:, 2],
+            orientation=(*direction[:, 0], *direction[:, 1]),
+            pixel_spacing=(spacing[1], spacing[0]),  # row spacing (y), column spacing (x)
+            slice_thickness=spacing[2],
+            patient_id="PHANTOM",
+            study_uid="1.2.826.0.1.3680043.8.498.10",
+            series_uid=series_uid,
+            instance=instance,
+        )
 
 
 # --- image files -------------------------------------------------------------------

@@ -17,11 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from ct_dicom import write_ct_slice
+from pydicom.uid import generate_uid
 
 from m3netcore.cli import EXIT_BAD_INPUT, main
 from m3netcore.data.cache import CENTRE_COLUMNS, open_cache
@@ -30,8 +29,6 @@ from m3netcore.data.prepare import nodule_centre_lps, slice_index_at
 from m3netcore.errors import M3NetInputError
 from m3netcore.io import read_image
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RESCALE_INTERCEPT = -1024
 AIR_HU, LUNG_HU, SOFT_TISSUE_HU, NODULE_HU = -1000, -850, 0, 300
 SIZE = 512  # LIDC slices are 512 x 512; the database's pixel coordinates refer to that grid
 Z_MARGIN_MM = 20.0  # slices written beyond the nodules: more than half the 36 mm micro cube
@@ -331,38 +328,20 @@ def write_series(
     spacing = float(f"{scan.pixel_spacing_mm:.6f}")
     order = np.argsort(z_positions)[::-1] if descending else np.argsort(z_positions)
     for instance, k in enumerate(order, start=1):
-        sop_uid = generate_uid(entropy_srcs=[scan.series_uid, str(instance)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.Modality = "CT"
-        ds.PatientID = scan.patient_id
-        ds.StudyInstanceUID = scan.study_uid
-        ds.SeriesInstanceUID = scan.series_uid
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[scan.study_uid, "frame"])
-        ds.SeriesNumber = 3000
-        ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [f"{origin[0]:.6f}", f"{origin[1]:.6f}", f"{z_positions[k]:.6f}"]
-        ds.ImageOrientationPatient = [f"{v:.10f}" for v in orientation]
-        ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
-        ds.SliceThickness = "2.5"
-        hu = np.asarray(slices[k])
-        ds.Rows, ds.Columns = hu.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = str(RESCALE_INTERCEPT)
-        ds.RescaleSlope = "1"
-        ds.PixelData = (hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16).tobytes()
-        pydicom.dcmwrite(folder / f"1-{instance:03d}.dcm", ds, enforce_file_format=True)
+        write_ct_slice(
+            folder / f"1-{instance:03d}.dcm",
+            slices[k],
+            position=(origin[0], origin[1], z_positions[k]),
+            orientation=orientation,
+            pixel_spacing=(spacing, spacing),
+            slice_thickness=2.5,
+            patient_id=scan.patient_id,
+            study_uid=scan.study_uid,
+            series_uid=scan.series_uid,
+            instance=instance,
+            frame_uid=generate_uid(entropy_srcs=[scan.study_uid, "frame"]),
+            sop_uid=generate_uid(entropy_srcs=[scan.series_uid, str(instance)]),
+        )
     return spacing * np.asarray(orientation[:3]), spacing * np.asarray(orientation[3:])
 
 

@@ -225,14 +225,3 @@ def open_cache(path: str | os.PathLike) -> Cache:
         if pyramids[entry["name"]].shape != (len(rows), *entry["grid"][::-1]):
             raise M3NetInputError(f"{file} holds {pyramids[entry['name']].shape}, not {len(rows)} cubes")
     return Cache(path=path, info=info, rows=rows, pyramids=pyramids)
-
-
-def cube_image(cache: Cache, scale: str, index: int) -> sitk.Image:
-    """One stored cube as a SimpleITK image in LPS (for viewing and checking)."""
-    entry = next(e for e in cache.info["pyramid"] if e["name"] == scale)
-    row = cache.rows[index]
-    spec = ScaleSpec(scale, tuple(entry["field_of_view_mm"]), tuple(entry["grid"]))
-    grid = spec.grid_at([row[c] for c in CENTRE_COLUMNS])
-    image = sitk.GetImageFromArray(np.asarray(cache.pyramids[scale][index], dtype=np.int16))
-    image.CopyInformation(grid.reference_image(sitk.sitkInt16))
-    return image

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 
 from m3netcore.crops import Preprocessing, ScaleSpec, sample_scale
 from m3netcore.data.lidc import Nodule
-from m3netcore.data.synthetic import LUNG_HU, SOFT_TISSUE_HU, draw_segment, soft_step, unit_vector
+from m3netcore.data.synthetic import (
+    LUNG_HU,
+    SOFT_TISSUE_HU,
+    draw_segment,
+    point_segment_distance,
+    soft_step,
+    unit_vector,
+)
 
 TEXTURE_LATTICE_MM = 4.0
 NOISE_HU = 20.0
@@ -132,7 +139,7 @@ class _Scene:
         for _ in range(30):
             start = self.centre + self.rng.uniform(-self.half, self.half, 3)
             end = start + unit_vector(self.rng) * self.rng.uniform(40.0, 120.0)
-            if _distance_to_segment(self.centre, start, end) > self.radius_mm + 2.5:
+            if point_segment_distance(self.centre, start, end) > self.radius_mm + 2.5:
                 return start, end, float(self.rng.uniform(0.6, 2.5))
         return None
 
@@ -259,9 +266,3 @@ def _gaussian_1d(volume: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.gaussian_filter1d(volume, sigma, axis=axis, mode="nearest")
-
-
-def _distance_to_segment(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
-    axis = end - start
-    t = np.clip(np.dot(point - start, axis) / max(np.dot(axis, axis), 1e-9), 0.0, 1.0)
-    return float(np.linalg.norm(point - (start + t * axis)))

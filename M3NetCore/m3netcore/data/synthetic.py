@@ -183,7 +183,7 @@ def _draw_vessel(volume, axes, rng, extent_mm: float, avoid_mm: float) -> None:
     for _ in range(20):  # vessels pass by the nodule but do not run through its centre
         start = rng.uniform(-extent_mm, extent_mm, 3)
         end = start + unit_vector(rng) * rng.uniform(30, 90)
-        if _point_segment_distance(np.zeros(3), start, end) > avoid_mm + 2:
+        if point_segment_distance(np.zeros(3), start, end) > avoid_mm + 2:
             draw_segment(volume, axes, start, end, rng.uniform(0.6, 2.2), None)
             return
 
@@ -223,7 +223,8 @@ def _capsule(offset, start, end, radius: float, blur: float) -> np.ndarray:
     return soft_step(radius - distance, blur)
 
 
-def _point_segment_distance(point, start, end) -> float:
+def point_segment_distance(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """Distance in mm from a point to the segment start-end."""
     axis = end - start
     t = np.clip(np.dot(point - start, axis) / max(np.dot(axis, axis), 1e-9), 0, 1)
     return float(np.linalg.norm(point - (start + t * axis)))

@@ -123,7 +123,7 @@ def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
     """
     text = str(name_or_path)
     registry = bundled_registry()
-    if text in registry and not Path(text).exists():
+    if text in registry and not Path(text).is_file():  # a folder named "demo" is not a model file
         entry = registry[text]
         path = Path(str(resources.files("m3netcore") / "weights" / entry["file"]))
         if not path.is_file():

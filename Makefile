@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m3net-installed
+TEST_STAMP := $(VENV)/.m3net-test-installed
 
 .PHONY: demo test lint bench clean
 
@@ -14,14 +15,19 @@ $(STAMP): M3NetCore/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e 'M3NetCore[dev]'
 	touch $@
 
+# The Slicer module's tests add slicer-core (Slicer's MRML, logics and renderers as a wheel).
+$(TEST_STAMP): $(STAMP) Testing/slicer_module/requirements.txt
+	$(BIN)/python -m pip install --quiet -r Testing/slicer_module/requirements.txt
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/m3net demo --out demo-output
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
-	$(BIN)/ruff check M3NetCore Testing benchmarks
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check M3NetCore M3NetSlicer Testing benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/latency.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import square, write_database
 
 from m3netcore.cli import main
 from m3netcore.data.manifest import read_rows_csv
@@ -49,8 +50,6 @@ def test_baselines_json_and_text(capsys):
 
 
 def test_too_few_patients_or_one_class_are_one_line_errors(tmp_path, capsys):
-    from conftest import square, write_database
-
     one = {"malignancy": 4, "contours": [(-100.0 + 1.25 * 10, square(100, 100, 4), True)]}
     tiny = write_database(tmp_path / "tiny.sqlite", [one])
     assert main(["lidc", "stats", "--database", str(tiny)]) == 2

@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import add_points, add_volume
 from M3NetSlicerLib.convert import control_points, ijk_to_ras_of_image, image_from_volume_node
 from M3NetSlicerLib.logic import TABLE_COLUMNS, M3NetLogic
+from mrml_helpers import add_points, add_volume
 
 import m3netcore
 from m3netcore.errors import M3NetInputError, ModelFileError

@@ -1,0 +1,175 @@
+"""The batch script under plain Python (the slicer-core wheel), as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+from M3NetSlicerLib.headless import HeadlessApplication
+from mrml_helpers import MODULE_DIR, heat_pixels
+
+SCRIPT = MODULE_DIR / "Scripts" / "m3net_batch.py"
+M3NET = Path(sys.executable).with_name("m3net")
+
+
+def batch(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(small_chest, tmp_path_factory):
+    image, nodules = small_chest
+    folder = tmp_path_factory.mktemp("batch-inputs")
+    sitk.WriteImage(image, str(folder / "ct.nrrd"), useCompression=True)
+    markups = {
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": "LPS",
+                "controlPoints": [
+                    {"label": label, "position": list(lps), "positionStatus": "defined"} for label, lps in nodules
+                ],
+            }
+        ]
+    }
+    (folder / "nodules.mrk.json").write_text(json.dumps(markups))
+    with open(folder / "nodules_ras.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "x", "y", "z"])
+        for label, (x, y, z) in nodules:
+            writer.writerow([label, -x, -y, z])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def batch_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch-out")
+    done = batch("--volume", inputs / "ct.nrrd", "--points", inputs / "nodules.mrk.json", "--out", out, "--per-scale")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, done
+
+
+def test_batch_writes_what_m3net_predict_writes(batch_run, inputs, tmp_path):
+    out, done = batch_run
+    reference = tmp_path / "predict"
+    cli = subprocess.run(
+        [
+            str(M3NET),
+            "predict",
+            str(inputs / "ct.nrrd"),
+            "--points",
+            str(inputs / "nodules.mrk.json"),
+            "--out",
+            str(reference),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr
+    ours = json.loads((out / "results.json").read_text())
+    theirs = json.loads((reference / "results.json").read_text())
+    assert len(ours["nodules"]) == len(theirs["nodules"]) == 2
+    for a, b in zip(ours["nodules"], theirs["nodules"], strict=True):
+        assert set(a) == set(b)
+        assert a["label"] == b["label"]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+        assert a["prediction"] == b["prediction"]
+        assert a["heatmap_files"] == b["heatmap_files"]
+        for name in a["heatmap_files"].values():
+            assert (out / name).is_file()
+    ours_csv = (out / "results.csv").read_text().splitlines()
+    theirs_csv = (reference / "results.csv").read_text().splitlines()
+    assert ours_csv[0] == theirs_csv[0] and len(ours_csv) == 3
+    assert "N-1 suspicious: p=" in done.stdout
+
+
+def test_batch_saves_a_scene_that_loads_back(batch_run):
+    out, _ = batch_run
+    scene_file = out / "scene" / "scene.mrml"
+    assert scene_file.is_file()
+    app = HeadlessApplication.create()
+    app.scene.SetURL(str(scene_file))
+    assert app.scene.Import()
+    volumes = {
+        app.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName()
+        for i in range(app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+    }
+    assert "ct" in volumes
+    assert {"M3Net N-1 suspicious heatmap", "M3Net N-2 calcified heatmap macro"} <= volumes
+    ct = app.scene.GetFirstNodeByName("ct")
+    assert ct.GetImageData() is not None and ct.GetImageData().GetDimensions() == (100, 90, 84)
+    table = app.scene.GetFirstNodeByClass("vtkMRMLTableNode")
+    assert table is not None and table.GetNumberOfRows() == 2
+
+
+def test_batch_renders_one_png_per_nodule_with_the_heatmap(batch_run):
+    import vtk
+    from vtk.util import numpy_support
+
+    out, _ = batch_run
+    pngs = sorted(out.glob("0*_*.png"))
+    assert [p.name for p in pngs] == ["01_N-1_suspicious.png", "02_N-2_calcified.png"]
+    for png in pngs:
+        reader = vtk.vtkPNGReader()
+        reader.SetFileName(str(png))
+        reader.Update()
+        width, height, _ = reader.GetOutput().GetDimensions()
+        pixels = numpy_support.vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars()).reshape(height, width, -1)
+        assert width >= 3 * height  # axial, sagittal, coronal (and 3D when OpenGL is there)
+        assert heat_pixels(pixels[..., :3]).sum() > 300
+
+
+def test_batch_reads_a_ras_csv_like_the_markups_file(batch_run, inputs, tmp_path):
+    out, _ = batch_run
+    done = batch(
+        "--volume",
+        inputs / "ct.nrrd",
+        "--points",
+        inputs / "nodules_ras.csv",
+        "--coords",
+        "RAS",
+        "--out",
+        tmp_path,
+        "--no-render",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = json.loads((tmp_path / "results.json").read_text())["nodules"]
+    first = json.loads((out / "results.json").read_text())["nodules"]
+    assert [n["probability"] for n in ours] == pytest.approx([n["probability"] for n in first], abs=1e-6)
+    assert not list(tmp_path.glob("0*_*.png"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--volume": "missing.nrrd"}, "missing.nrrd"),
+        ({"--points": "missing.csv"}, "no such points file"),
+        ({"--model": "missing.safetensors"}, "missing.safetensors"),
+    ],
+)
+def test_batch_bad_input_exits_2_with_one_line(inputs, tmp_path, change, message):
+    args = {"--volume": inputs / "ct.nrrd", "--points": inputs / "nodules.mrk.json", "--out": tmp_path / "out"}
+    args.update({k: tmp_path / v for k, v in change.items()})
+    done = batch(*[item for pair in args.items() for item in pair], "--no-render")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("m3net_batch: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_batch_point_outside_the_ct_is_refused(inputs, tmp_path):
+    (tmp_path / "far.csv").write_text("label,x,y,z\nfar,900,0,0\n")
+    done = batch(
+        "--volume", inputs / "ct.nrrd", "--points", tmp_path / "far.csv", "--out", tmp_path / "out", "--no-render"
+    )
+    assert done.returncode == 2
+    assert "outside" in done.stderr and "Traceback" not in done.stderr

@@ -148,10 +148,22 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.visible = fromFile
         if not fromFile:
             self._parameterNode.modelPath = ""
-        self.ui.modelCardBrowser.clear()
+            self.showModelCard()
+        else:
+            self.ui.modelCardBrowser.clear()
 
     def onModelPathChanged(self, path) -> None:
+        if path:
+            self.showModelCard()
+
+    def showModelCard(self) -> None:
+        """Load the chosen model (this loads PyTorch the first time) and show its card."""
         self.ui.modelCardBrowser.clear()
+        with slicer.util.tryWithErrorDisplay("M3Net could not load this model.", waitCursor=True):
+            if not self.logic.ensureDependencies(self.ui.statusLabel):
+                return
+            model = self.logic.loadModel(self._parameterNode.modelPath)
+            self.ui.modelCardBrowser.setMarkdown(model.card or f"**{model.name}** {model.version} (no model card)")
 
     def onApplyButton(self) -> None:
         """Check dependencies, load the model, run every nodule with a cancellable progress bar."""
@@ -160,7 +172,8 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             node = self._parameterNode
             model = self.logic.loadModel(node.modelPath)
-            self.ui.modelCardBrowser.setMarkdown(model.card or f"**{model.name}** {model.version} (no model card)")
+            if not self.ui.modelCardBrowser.toPlainText():
+                self.ui.modelCardBrowser.setMarkdown(model.card or f"**{model.name}** {model.version} (no model card)")
             points = node.nodules.GetNumberOfControlPoints()
             progress = slicer.util.createProgressDialog(
                 parent=slicer.util.mainWindow(), labelText="M3Net", maximum=points, windowTitle="M3Net"

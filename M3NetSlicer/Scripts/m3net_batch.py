@@ -167,8 +167,10 @@ def _save_scene(scene, folder: Path) -> None:
         nodes = scene.GetNodesByClass("vtkMRMLStorableNode")
         for index in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(index)
-            if node.GetHideFromEditors() and not node.IsA("vtkMRMLColorTableNode"):
+            if not node.GetSaveWithScene():
                 continue
+            if node.IsA("vtkMRMLColorNode") and not node.GetAttribute("M3Net.Role"):
+                continue  # Slicer's built-in colour tables come with Slicer
             storage = node.GetStorageNode()
             if storage is None:
                 node.AddDefaultStorageNode()

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import SimpleITK as sitk
 import slicer
 import vtk
 
@@ -374,7 +373,3 @@ def results_table(answers: Sequence[tuple[str, m3netcore.NoduleResult]]):
             columns[name].InsertNextValue(value)
     return table
 
-
-def heatmap_image_of_node(node) -> sitk.Image:
-    """A heatmap node back as an LPS SimpleITK image (for writing and for checks)."""
-    return image_from_volume_node(node)

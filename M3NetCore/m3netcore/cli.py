@@ -109,7 +109,62 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: CPU count)")
     phantom.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N nodules (tests)")
     phantom.set_defaults(run=_run_lidc_phantom)
+    _add_training_commands(commands)
     return parser
+
+
+def _add_training_commands(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train a model on a cache's training folds (one process, or many under torchrun)"
+    )
+    train.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
+    train.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
+    train.add_argument("--fold", required=True, type=int, metavar="K", help="held-out test fold (never trained on)")
+    train.add_argument("--out", required=True, metavar="RUN", help="run folder (checkpoints, metrics, model)")
+    _add_run_options(train)
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN")
+    train.add_argument(
+        "--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if interrupted (then --resume)"
+    )
+    train.set_defaults(run=_run_train)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="settings, JSON or TOML (see m3netcore.train.config)")
+    parser.add_argument("--protocol", metavar="P", help="label protocol (default mean-excl3, or the config's)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="epochs (overrides the config)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed (overrides the config)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _run_config(args: argparse.Namespace):
+    """The config of --config with --protocol/--epochs/--seed over it; ``None`` if none was given."""
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.config import RunConfig, read_config
+
+    if args.config is None and args.protocol is None and args.epochs is None and args.seed is None:
+        return None
+    config = read_config(args.config) if args.config else RunConfig()
+    try:
+        return config.replace(protocol=args.protocol, epochs=args.epochs, seed=args.seed)
+    except ValueError as err:
+        raise M3NetInputError(f"bad option: {err}") from err
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.run import train_run
+
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise M3NetInputError(f"--stop-after-epoch must be >= 1, got {args.stop_after_epoch}")
+    config = _run_config(args)
+    if config is None and not args.resume:
+        from m3netcore.train.config import RunConfig
+
+        config = RunConfig()
+    train_run(args.data, args.model, args.fold, args.out, config, resume=args.resume,
+              stop_after_epoch=args.stop_after_epoch, device=args.device)  # fmt: skip
+    return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -232,6 +232,7 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, co
         if stop_after_epoch is not None and epoch + 1 == stop_after_epoch and epoch + 1 < config.epochs:
             say(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
             return {"stopped_after_epoch": epoch + 1, "out": str(out)}
+    _check_processes_agree(network, processes, out)
     if not processes.main:
         return {"out": str(out)}
     return _finish(cache, split, model_name, fold, out, config, network, source, best, history, processes, say)
@@ -349,6 +350,38 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise M3NetInputError(f"{out} exists and is not an empty folder; use --resume or another --out")
     return config or RunConfig()
+
+
+def _check_processes_agree(network: nn.Module, processes: distributed.Processes, out: Path) -> bool:
+    """Under torchrun: do all processes hold the same weights and buffers? Written to ``RUN/processes.json``.
+
+    DistributedDataParallel keeps them equal by construction; a mismatch means a broken
+    setup (e.g. a layer whose state is not synchronised), so it is an error, not a warning.
+    """
+    if not processes.distributed:
+        return True
+    digest = weights_digest(network)
+    digests = [None] * processes.world_size
+    torch.distributed.all_gather_object(digests, digest)
+    identical = len(set(digests)) == 1
+    if processes.main:
+        document = {"world_size": processes.world_size, "identical": identical, "weights_sha256": digests}
+        write_text_atomic(out / "processes.json", json.dumps(document, indent=2) + "\n")
+    if not identical:
+        raise RuntimeError(f"the {processes.world_size} processes ended with different weights: {digests}")
+    return identical
+
+
+def weights_digest(network: nn.Module) -> str:
+    """SHA-256 over the network's state dict (names, dtypes, shapes and bytes, in name order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(_cpu_state(network).items()):
+        digest.update(key.encode())
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _warmup_cosine(warmup_fraction: float, total_steps: int) -> Callable[[int], float]:

@@ -1,4 +1,4 @@
-"""The ``m3net`` command: predict, demo, model-info.
+"""The ``m3net`` command: predict, demo, model-info, lidc, train, cv, evaluate.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``m3net --help``
 answers at once. Bad input ends with one ``m3net: error: ...`` line and exit status 2.
@@ -127,6 +127,24 @@ def _add_training_commands(commands) -> None:
         "--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if interrupted (then --resume)"
     )
     train.set_defaults(run=_run_train)
+
+    cv = commands.add_parser("cv", help="train every fold in turn and pool the out-of-fold predictions")
+    cv.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
+    cv.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
+    cv.add_argument("--out", required=True, metavar="DIR", help="folder for fold-K runs, oof.csv and summary")
+    _add_run_options(cv)
+    cv.set_defaults(run=_run_cv)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics with patient-bootstrap CIs, calibration and figures of a model on a cache"
+    )
+    evaluate.add_argument("model", metavar="RUN|MODEL", help="a run folder (its model.safetensors) or a model file")
+    evaluate.add_argument("--data", required=True, metavar="CACHE")
+    evaluate.add_argument("--fold", type=int, metavar="K", help="fold to evaluate (default: the run's held-out fold)")
+    evaluate.add_argument("--protocol", metavar="P", help="label protocol (default: the model's)")
+    evaluate.add_argument("--out", metavar="DIR", help="report folder (default RUN/evaluation)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.set_defaults(run=_run_evaluate)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -315,6 +333,29 @@ def _run_lidc_phantom(args: argparse.Namespace) -> int:
     if (args.workers is not None and args.workers < 1) or (args.limit is not None and args.limit < 1):
         raise M3NetInputError("--workers and --limit must be positive")
     build_phantom_cache(args.out, seed=args.seed, database=args.database, limit=args.limit, workers=args.workers)
+    return 0
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from m3netcore.train.cv import cross_validate
+
+    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device)
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model
+
+    report = evaluate_model(
+        args.model, args.data, fold=args.fold, out=args.out, protocol=args.protocol, device=args.device
+    )
+    metrics = report["metrics"]
+    where = "all labelled nodules" if report["fold"] is None else f"fold {report['fold']}"
+    print(f"{report['model_name']} on {where} ({metrics['nodules']} nodules, protocol {report['protocol']}):")
+    for name in ("auc", *CALLED_METRICS):
+        low, high = metrics[name]["ci"]
+        print(f"  {name:<18} {metrics[name]['value']:.3f} (95% CI {low:.3f}-{high:.3f})")
+    print(f"  {'ece':<18} {metrics['ece']:.3f}")
     return 0
 
 

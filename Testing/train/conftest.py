@@ -12,8 +12,8 @@ from m3netcore.data.cache import CacheWriter
 TINY_COUNT = 60
 
 
-def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0) -> Path:
-    """``count`` generated nodules in lung, two per patient, five patient-level folds.
+def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0, folds: int = 5) -> Path:
+    """``count`` generated nodules in lung, two per patient, ``folds`` patient-level folds.
 
     Malignant nodules (odd indices) are larger (about 7 mm radius against 3 mm) and sit
     beside soft tissue in the macro view, so a few epochs can learn them. HU noise keeps
@@ -45,7 +45,7 @@ def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0) -> P
                 "diameter_mm": round(2 * radius, 2),
                 "label_mean-excl3": label,
                 "label_official": label,
-                "fold": patient % 5,
+                "fold": patient % folds,
             }
             writer.add_cubes(index, cubes, (0.0, 0.0, 0.0), row)
         return writer.commit()
@@ -54,3 +54,9 @@ def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0) -> P
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_cache(tmp_path_factory.mktemp("tiny") / "cache")
+
+
+@pytest.fixture(scope="session")
+def two_fold_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 nodules in two folds: a cross-validation of two quick runs."""
+    return write_tiny_cache(tmp_path_factory.mktemp("two-fold") / "cache", 40, seed=1, folds=2)

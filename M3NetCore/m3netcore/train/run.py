@@ -251,7 +251,8 @@ def _finish(cache, split, model_name, fold, out, config, network, source, best, 
     test_auc = roc_auc(test_probabilities, test_labels) if len(set(test_labels.tolist())) == 2 else None
     test_rows = [
         {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"], "fold": fold,
-         "label": int(y), "logit": round(float(z), 6), "probability": round(float(p), 6)}
+         "label": int(y), "logit": round(float(z), 6), "probability": round(float(p), 6),
+         "threshold": round(threshold, 6), "called": int(p >= threshold)}
         for i, y, z, p in zip(split.test, test_labels, test_logits, test_probabilities, strict=True)
     ]  # fmt: skip
     if test_rows:
@@ -310,7 +311,7 @@ def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def model_card(summary: dict) -> str:
     """The markdown model card of a trained run: data, protocol, split, selection, calibration, held-out AUC."""
     split, config = summary["split"], summary["config"]
-    data = "SEMI-SYNTHETIC (LIDC-phantom): not CT of patients. " if summary["semi_synthetic"] else ""
+    data = f"SEMI-SYNTHETIC ({summary['data_kind']}): not CT of patients. " if summary["semi_synthetic"] else ""
     test_auc = "n/a (one class)" if summary["test_auc"] is None else f"{summary['test_auc']:.3f}"
     lines = [
         f"# {summary['architecture']} fold {summary['fold']}",

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,8 +117,15 @@ def resample_views(
             [matrices * view_half[None, None, :] / cube_half[None, :, None], (shifts_mm / cube_half)[:, :, None]],
             dim=2,
         )
-        # affine_grid's coordinates are (x, y, z) = (W, H, D), which is LPS x, y, z of the cube.
-        grid = F.affine_grid(theta.to(cube.dtype), [batch, 1, *view_spec.tensor_shape], align_corners=True)
+        # grid_sample's coordinates are (x, y, z) = (W, H, D), which is LPS x, y, z of the cube.
+        base = _base_grid(view_spec.tensor_shape, cube.dtype, cube.device)  # (D*H*W, 4)
+        # Explicit multiply-adds, not a matmul: the result must not depend on the batch (GEMM blocking
+        # does), so a nodule's view is the same in any batch and in any process.
+        theta = theta.to(cube.dtype)[:, None]  # (B, 1, 3, 4)
+        base = base[None, :, None]  # (1, N, 1, 4)
+        grid = base[..., 0] * theta[..., 0] + base[..., 1] * theta[..., 1]
+        grid = grid + base[..., 2] * theta[..., 2] + theta[..., 3]
+        grid = grid.view(batch, *view_spec.tensor_shape, 3)
         out.append(F.grid_sample(cube, grid, mode="bilinear", padding_mode="border", align_corners=True))
     return out
 
@@ -126,3 +134,17 @@ def normalise_hu_tensor(hu: Tensor, hu_window: tuple[float, float]) -> Tensor:
     """Torch twin of :func:`m3netcore.crops.normalise_hu`: clip to the window, scale to [0, 1]."""
     low, high = hu_window
     return (hu.clamp(low, high) - low) / (high - low)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_grid(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Normalised (x, y, z, 1) of every voxel of a ``(D, H, W)`` grid, x fastest (``affine_grid``'s layout).
+
+    ``F.affine_grid`` rebuilds this on every call and costs more than the sampling itself on CPU.
+    """
+    depth, height, width = shape
+    z, y, x = torch.meshgrid(
+        *(torch.linspace(-1.0, 1.0, n, dtype=torch.float64) for n in (depth, height, width)), indexing="ij"
+    )
+    grid = torch.stack([x, y, z, torch.ones_like(x)], dim=-1).reshape(-1, 4)
+    return grid.to(dtype=dtype, device=device)

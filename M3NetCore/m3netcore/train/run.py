@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,83 +160,105 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, co
         f"test {counts['test']['nodules']} held out; {steps_per_epoch} steps/epoch x {config.epochs} epochs, "
         f"{processes.world_size} process(es) on {device}"
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        started = time.perf_counter()
-        order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(split.train)
-        sums = torch.zeros(3, dtype=torch.float64)
-        for step in range(steps_per_epoch):
-            global_batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            indices = global_batch[processes.rank * local_batch : (processes.rank + 1) * local_batch]
-            views = source.views(indices, epoch=epoch)
-            if device.type == "cpu":
-                views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
-            target = torch.as_tensor(split.labels_of(indices), dtype=torch.float32, device=device)
-            with autocast:
-                output = model(views)
-            bce = F.binary_cross_entropy_with_logits(output.logit.float(), target, pos_weight=positive_weight)
-            mi = torch.zeros((), device=device)
-            if config.mi_weight > 0 and output.embeddings is not None:
-                mi = distributed.global_infonce(output.embeddings.float(), processes, config.mi_temperature)
-            loss = bce + config.mi_weight * mi
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            values = [float(v.detach()) for v in (loss, bce, mi)]
-            sums += torch.tensor(values, dtype=torch.float64)
-            if (step + 1) % config.log_every == 0:
-                rate = (step + 1) * config.batch_size / (time.perf_counter() - started)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3net-views") as prefetch:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            started = time.perf_counter()
+            order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(split.train)
+            batches = [
+                order[step * config.batch_size : (step + 1) * config.batch_size][
+                    processes.rank * local_batch : (processes.rank + 1) * local_batch
+                ]
+                for step in range(steps_per_epoch)
+            ]
+            sums = _train_epoch(model, source, batches, epoch, split, optimiser, scheduler, positive_weight,
+                                config, processes, prefetch, say)  # fmt: skip
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch + 1, "train_loss": float(sums[0]), "bce_loss": float(sums[1]),
+                   "mi_loss": float(sums[2])}  # fmt: skip
+            rngs = [rng_state()]
+            if processes.distributed:
+                rngs = [None] * processes.world_size
+                torch.distributed.all_gather_object(rngs, rng_state())
+            if processes.main:
+                logits = predict_logits(network, source, split.validation)
+                labels = split.labels_of(split.validation)
+                row |= {
+                    "val_auc": roc_auc(logits, labels),
+                    "val_loss": float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits),
+                                                                         torch.from_numpy(labels).double())),
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(seconds, 2),
+                    "nodules_per_s": round(steps_per_epoch * config.batch_size / seconds, 1),
+                }  # fmt: skip
+                history.append(row)
+                if row["val_auc"] > best["val_auc"]:
+                    best = {"epoch": epoch + 1, "val_auc": row["val_auc"], "network": _cpu_state(network)}
+                save_checkpoint(out / CHECKPOINT_FILE, {
+                    "epoch": epoch + 1, "network": _cpu_state(network), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rngs, "best": best, "history": history,
+                    "world_size": processes.world_size,
+                })  # fmt: skip
+                write_text_atomic(out / "metrics.csv", rows_to_csv(history))
+                _plot(history, out)
                 say(
-                    f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{steps_per_epoch} loss {values[0]:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} nodules/s"
+                    f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} (bce {row['bce_loss']:.4f}, "
+                    f"mi {row['mi_loss']:.4f}), validation AUC {row['val_auc']:.3f} loss {row['val_loss']:.4f}, "
+                    f"{seconds:.1f} s, {row['nodules_per_s']:.0f} nodules/s"
                 )
-        if processes.distributed:
-            torch.distributed.all_reduce(sums)
-            sums /= processes.world_size
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "train_loss": float(sums[0]) / steps_per_epoch,
-               "bce_loss": float(sums[1]) / steps_per_epoch, "mi_loss": float(sums[2]) / steps_per_epoch}  # fmt: skip
-        rngs = [rng_state()]
-        if processes.distributed:
-            rngs = [None] * processes.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
-        if processes.main:
-            logits = predict_logits(network, source, split.validation)
-            labels = split.labels_of(split.validation)
-            row |= {
-                "val_auc": roc_auc(logits, labels),
-                "val_loss": float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits),
-                                                                     torch.from_numpy(labels).double())),
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": round(seconds, 2),
-                "nodules_per_s": round(steps_per_epoch * config.batch_size / seconds, 1),
-            }  # fmt: skip
-            history.append(row)
-            if row["val_auc"] > best["val_auc"]:
-                best = {"epoch": epoch + 1, "val_auc": row["val_auc"], "network": _cpu_state(network)}
-            save_checkpoint(out / CHECKPOINT_FILE, {
-                "epoch": epoch + 1, "network": _cpu_state(network), "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rngs, "best": best, "history": history,
-                "world_size": processes.world_size,
-            })  # fmt: skip
-            write_text_atomic(out / "metrics.csv", rows_to_csv(history))
-            _plot(history, out)
-            say(
-                f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} (bce {row['bce_loss']:.4f}, "
-                f"mi {row['mi_loss']:.4f}), validation AUC {row['val_auc']:.3f} loss {row['val_loss']:.4f}, "
-                f"{seconds:.1f} s, {row['nodules_per_s']:.0f} nodules/s"
-            )
-        if processes.distributed:
-            torch.distributed.barrier()
-        if stop_after_epoch is not None and epoch + 1 == stop_after_epoch and epoch + 1 < config.epochs:
-            say(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
-            return {"stopped_after_epoch": epoch + 1, "out": str(out)}
+            if processes.distributed:
+                torch.distributed.barrier()
+            if stop_after_epoch is not None and epoch + 1 == stop_after_epoch and epoch + 1 < config.epochs:
+                say(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
+                return {"stopped_after_epoch": epoch + 1, "out": str(out)}
     _check_processes_agree(network, processes, out)
     if not processes.main:
         return {"out": str(out)}
     return _finish(cache, split, model_name, fold, out, config, network, source, best, history, processes, say)
+
+
+def _train_epoch(model, source, batches, epoch, split, optimiser, scheduler, positive_weight, config, processes,
+                 prefetch, say) -> torch.Tensor:  # fmt: skip
+    """One pass over ``batches`` (this process's share of each global batch); returns the mean losses.
+
+    The next batch's views are made in a thread while the network trains on this one (views
+    depend only on the nodules and the epoch, so this changes no number).
+    """
+    device = processes.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.perf_counter()
+    sums = torch.zeros(3, dtype=torch.float64)
+    upcoming = prefetch.submit(source.views, batches[0], epoch=epoch)
+    for step, indices in enumerate(batches):
+        views = upcoming.result()
+        if step + 1 < len(batches):
+            upcoming = prefetch.submit(source.views, batches[step + 1], epoch=epoch)
+        if device.type == "cpu":
+            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
+        target = torch.as_tensor(split.labels_of(indices), dtype=torch.float32, device=device)
+        with autocast:
+            output = model(views)
+        bce = F.binary_cross_entropy_with_logits(output.logit.float(), target, pos_weight=positive_weight)
+        mi = torch.zeros((), device=device)
+        if config.mi_weight > 0 and output.embeddings is not None:
+            mi = distributed.global_infonce(output.embeddings.float(), processes, config.mi_temperature)
+        loss = bce + config.mi_weight * mi
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+        values = [float(v.detach()) for v in (loss, bce, mi)]
+        sums += torch.tensor(values, dtype=torch.float64)
+        if (step + 1) % config.log_every == 0:
+            rate = (step + 1) * config.batch_size / (time.perf_counter() - started)
+            say(
+                f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{len(batches)} loss {values[0]:.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} nodules/s"
+            )
+    if processes.distributed:
+        torch.distributed.all_reduce(sums)
+        sums /= processes.world_size
+    return sums / len(batches)
 
 
 def _finish(cache, split, model_name, fold, out, config, network, source, best, history, processes, say) -> dict:

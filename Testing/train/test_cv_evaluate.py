@@ -103,3 +103,12 @@ def test_evaluate_bad_input_is_one_line(cv_folder, two_fold_cache, tmp_path, cap
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("m3net: error:") for line in errors)
     assert "--fold 4 out of range" in errors[1]
+
+
+def test_evaluate_cli_on_a_model_file_defaults_to_its_held_out_fold(cv_folder, two_fold_cache, tmp_path, capsys):
+    model_file = cv_folder / "fold-0" / "model.safetensors"
+    assert main(["evaluate", str(model_file), "--data", str(two_fold_cache), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "on fold 0" in printed and "balanced_accuracy" in printed and "95% CI" in printed
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["fold"] == 0 and report["metrics"]["nodules"] == 20

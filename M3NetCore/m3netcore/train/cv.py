@@ -135,5 +135,6 @@ def _cv_config(out: Path, config: RunConfig | None) -> RunConfig:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise M3NetInputError(f"{out} exists and is not an empty folder or a cross-validation to continue")
     config = config or RunConfig()
-    write_text_atomic(stored_path, json.dumps(config.to_dict(), indent=2) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        write_text_atomic(stored_path, json.dumps(config.to_dict(), indent=2) + "\n")
     return config

@@ -6,9 +6,10 @@ A run folder holds::
       config.json          the settings (a resumed run uses these)
       split.json           how many nodules of each class train, validate and test
       checkpoint.pt        resumable state, rewritten atomically after every epoch
-      metrics.csv          one row per epoch; curves.png plots it
+      metrics.csv          one row per epoch; curves.png plots it (with matplotlib)
       model.safetensors    the selected, calibrated model (checkpoint.py format) with its card
-      test_predictions.csv the held-out fold's calibrated probabilities (for cross-validation)
+      test_predictions.csv the held-out fold's calibrated probabilities and calls (for cross-validation)
+      processes.json       under torchrun: each process's weight digest at the end (must be equal)
 
 Training: AdamW, linear warm-up then cosine decay (per step); loss = class-weighted binary
 cross-entropy (class balance by loss weight: malignant cases weigh benign/malignant) +

@@ -106,26 +106,22 @@ def resample_views(
     """
     out = []
     for cube, cube_spec, view_spec in zip(cubes_hu, stored, views, strict=True):
-        batch = cube.shape[0]
         # Half-extents (centre of the first voxel to the centre) in mm; with align_corners=True,
         # normalised coordinate +-1 is the centre of the first/last voxel along each axis.
-        view_half = torch.tensor([(n - 1) / 2 * s for n, s in zip(view_spec.grid, view_spec.spacing_mm, strict=True)],
-                                 dtype=matrices.dtype, device=matrices.device)  # fmt: skip
-        cube_half = torch.tensor([(n - 1) / 2 * s for n, s in zip(cube_spec.grid, cube_spec.spacing_mm, strict=True)],
-                                 dtype=matrices.dtype, device=matrices.device)  # fmt: skip
-        theta = torch.cat(
-            [matrices * view_half[None, None, :] / cube_half[None, :, None], (shifts_mm / cube_half)[:, :, None]],
-            dim=2,
-        )
-        # grid_sample's coordinates are (x, y, z) = (W, H, D), which is LPS x, y, z of the cube.
-        base = _base_grid(view_spec.tensor_shape, cube.dtype, cube.device)  # (D*H*W, 4)
-        # Explicit multiply-adds, not a matmul: the result must not depend on the batch (GEMM blocking
-        # does), so a nodule's view is the same in any batch and in any process.
-        theta = theta.to(cube.dtype)[:, None]  # (B, 1, 3, 4)
-        base = base[None, :, None]  # (1, N, 1, 4)
-        grid = base[..., 0] * theta[..., 0] + base[..., 1] * theta[..., 1]
-        grid = grid + base[..., 2] * theta[..., 2] + theta[..., 3]
-        grid = grid.view(batch, *view_spec.tensor_shape, 3)
+        view_half = [(n - 1) / 2 * s for n, s in zip(view_spec.grid, view_spec.spacing_mm, strict=True)]
+        cube_half = [(n - 1) / 2 * s for n, s in zip(cube_spec.grid, cube_spec.spacing_mm, strict=True)]
+        to_cube = torch.tensor(cube_half, dtype=cube.dtype, device=cube.device)
+        linear = matrices.to(cube.dtype) * torch.tensor(view_half, dtype=cube.dtype, device=cube.device)
+        linear = linear / to_cube[:, None]  # (B, 3 cube axes, 3 view axes)
+        offset = shifts_mm.to(cube.dtype) / to_cube  # (B, 3)
+        # The map is linear, so the grid is a sum of one term per view axis: two broadcast adds
+        # instead of a (B, N, 4) x (4, 3) product, elementwise so that a nodule's grid does not
+        # depend on its batch (GEMM blocking would), and grid_sample's (x, y, z) = (W, H, D) order.
+        x, y, z = (_axis(n, cube.dtype, cube.device) for n in view_spec.grid)
+        along_x = linear[:, None, None, None, :, 0] * x[None, None, None, :, None] + offset[:, None, None, None, :]
+        along_y = linear[:, None, None, None, :, 1] * y[None, None, :, None, None]
+        along_z = linear[:, None, None, None, :, 2] * z[None, :, None, None, None]
+        grid = along_z + along_y + along_x  # (B, D, H, W, 3)
         out.append(F.grid_sample(cube, grid, mode="bilinear", padding_mode="border", align_corners=True))
     return out
 
@@ -137,14 +133,6 @@ def normalise_hu_tensor(hu: Tensor, hu_window: tuple[float, float]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _base_grid(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Normalised (x, y, z, 1) of every voxel of a ``(D, H, W)`` grid, x fastest (``affine_grid``'s layout).
-
-    ``F.affine_grid`` rebuilds this on every call and costs more than the sampling itself on CPU.
-    """
-    depth, height, width = shape
-    z, y, x = torch.meshgrid(
-        *(torch.linspace(-1.0, 1.0, n, dtype=torch.float64) for n in (depth, height, width)), indexing="ij"
-    )
-    grid = torch.stack([x, y, z, torch.ones_like(x)], dim=-1).reshape(-1, 4)
-    return grid.to(dtype=dtype, device=device)
+def _axis(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Normalised coordinates (-1 .. 1) of ``size`` voxel centres along one axis."""
+    return torch.linspace(-1.0, 1.0, size, dtype=torch.float64).to(dtype=dtype, device=device)

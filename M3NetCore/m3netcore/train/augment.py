@@ -126,10 +126,12 @@ def resample_views(
     return out
 
 
-def normalise_hu_tensor(hu: Tensor, hu_window: tuple[float, float]) -> Tensor:
+def normalise_hu_tensor(hu: Tensor, hu_window: tuple[float, float], *, inplace: bool = False) -> Tensor:
     """Torch twin of :func:`m3netcore.crops.normalise_hu`: clip to the window, scale to [0, 1]."""
     low, high = hu_window
-    return (hu.clamp(low, high) - low) / (high - low)
+    if not inplace:
+        return (hu.clamp(low, high) - low) / (high - low)
+    return hu.clamp_(low, high).sub_(low).div_(high - low)
 
 
 @functools.lru_cache(maxsize=16)

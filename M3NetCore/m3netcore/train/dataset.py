@@ -143,8 +143,9 @@ class ViewSource:
         shifts = torch.as_tensor(np.stack([t.shift_mm for t in transforms]), dtype=torch.float32, device=self.device)
         views = resample_views(cubes, self.stored_specs, self.view_specs, matrices, shifts)
         if noise is not None:
-            views = [v + n.to(self.device) for v, n in zip(views, noise, strict=True)]
-        return [normalise_hu_tensor(v, self.hu_window) for v in views]
+            for view, field in zip(views, noise, strict=True):
+                view.add_(field.to(self.device))
+        return [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
 
     def _cubes(self, array: np.ndarray, indices: list[int]) -> Tensor:
         stacked = np.stack([array[i] for i in indices]).astype(np.float32)

@@ -16,7 +16,8 @@ from m3netcore.models import build_model
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import split_cache
-from m3netcore.train.run import METRIC_COLUMNS, train_run
+from m3netcore.train.run import train_run
+from m3netcore.train.trainer import METRIC_COLUMNS
 
 QUICK = RunConfig(epochs=3, batch_size=8, log_every=100, seed=1)
 

@@ -25,8 +25,8 @@ class RunConfig:
         weight_decay: AdamW decoupled weight decay.
         mi_weight: lambda, weight of the cross-scale InfoNCE term (0 = the ablation).
         mi_temperature: InfoNCE softmax temperature.
-        seed: seeds the network's initial weights, the order of the nodules, augmentation
-            and dropout.
+        seed: seeds the network's initial weights, the inner validation split, the order of
+            the nodules, augmentation and dropout.
         protocol: the label protocol (``m3netcore.data.labels``).
         validation_folds: the training folds' patients are split into this many patient-level,
             stratified inner folds; inner fold 0 is the validation set (model selection,

@@ -60,9 +60,12 @@ class Trainer:
             raise M3NetInputError(
                 f"{len(split.train)} training nodules are fewer than one batch of {config.batch_size}"
             )
-        self.split, self.source, self.config, self.processes, self.out, self.say = (
-            split, source, config, processes, out, say
-        )  # fmt: skip
+        self.split = split
+        self.source = source
+        self.config = config
+        self.processes = processes
+        self.out = out
+        self.say = say
         device = processes.device
         torch.manual_seed(config.seed)  # the same initial weights in every process
         try:

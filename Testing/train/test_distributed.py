@@ -19,11 +19,12 @@ from m3netcore.train.run import train_run
 
 # Dropout off: each process draws its own dropout masks, which one process cannot reproduce.
 # Everything else (batch-norm statistics, InfoNCE negatives, gradient averaging) is global.
-CONFIG = RunConfig(epochs=2, batch_size=8, seed=1, log_every=100, model_config={"dropout": 0.0})
-# Tolerance: the two runs differ only by floating-point summation order. Over 8 AdamW steps
-# that stays below 0.1% of the distance the weights travel from their initial values (L2,
-# all weights together); Adam's per-weight normalisation amplifies rounding in weights whose
-# gradient is ~0 (the attention key bias cannot change the softmax), so no per-weight bound.
+CONFIG = RunConfig(epochs=1, batch_size=8, seed=1, log_every=100, model_config={"dropout": 0.0})
+# Tolerance: the two runs differ only by floating-point summation order. Over 4 AdamW steps
+# (one epoch of the tiny cache) that stays below 0.1% of the distance the weights travel from
+# their initial values (L2, all weights together; measured about 2e-4 after 8 steps). Adam's
+# per-weight normalisation amplifies rounding in weights whose gradient is ~0 (the attention
+# key bias cannot change the softmax), so there is no per-weight bound.
 RELATIVE_TOLERANCE = 1e-3
 
 
@@ -42,7 +43,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_cache, 
     ]  # fmt: skip
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert finished.stdout.count("epoch 2/2:") == 1  # only rank 0 prints
+    assert finished.stdout.count("epoch 1/1:") == 1  # only rank 0 prints
 
     processes = json.loads((tmp_path / "two" / "processes.json").read_text())
     assert processes["world_size"] == 2 and processes["identical"] is True

@@ -148,7 +148,7 @@ class ViewSource:
         return [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
 
     def _cubes(self, array: np.ndarray, indices: list[int]) -> Tensor:
-        stacked = torch.from_numpy(np.stack([array[i] for i in indices]))  # int16 HU: a third of the bytes to move
+        stacked = torch.from_numpy(np.stack([array[i] for i in indices]))  # int16 HU: half the bytes to move
         return stacked.to(self.device)[:, None].float()
 
     def _draw(self, indices: list[int], epoch: int) -> tuple[list[SpatialTransform], list[Tensor] | None]:

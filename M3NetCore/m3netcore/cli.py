@@ -1,4 +1,4 @@
-"""The ``m3net`` command: predict, demo, model-info.
+"""The ``m3net`` command: predict, demo, model-info, lidc, train, cv, evaluate.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``m3net --help``
 answers at once. Bad input ends with one ``m3net: error: ...`` line and exit status 2.
@@ -109,7 +109,80 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: CPU count)")
     phantom.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N nodules (tests)")
     phantom.set_defaults(run=_run_lidc_phantom)
+    _add_training_commands(commands)
     return parser
+
+
+def _add_training_commands(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train a model on a cache's training folds (one process, or many under torchrun)"
+    )
+    train.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
+    train.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
+    train.add_argument("--fold", required=True, type=int, metavar="K", help="held-out test fold (never trained on)")
+    train.add_argument("--out", required=True, metavar="RUN", help="run folder (checkpoints, metrics, model)")
+    _add_run_options(train)
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN")
+    train.add_argument(
+        "--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if interrupted (then --resume)"
+    )
+    train.set_defaults(run=_run_train)
+
+    cv = commands.add_parser("cv", help="train every fold in turn and pool the out-of-fold predictions")
+    cv.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
+    cv.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
+    cv.add_argument("--out", required=True, metavar="DIR", help="folder for fold-K runs, oof.csv and summary")
+    _add_run_options(cv)
+    cv.set_defaults(run=_run_cv)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics with patient-bootstrap CIs, calibration and figures of a model on a cache"
+    )
+    evaluate.add_argument("model", metavar="RUN|MODEL", help="a run folder (its model.safetensors) or a model file")
+    evaluate.add_argument("--data", required=True, metavar="CACHE")
+    evaluate.add_argument("--fold", type=int, metavar="K", help="fold to evaluate (default: the run's held-out fold)")
+    evaluate.add_argument("--protocol", metavar="P", help="label protocol (default: the model's)")
+    evaluate.add_argument("--out", metavar="DIR", help="report folder (default RUN/evaluation)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.set_defaults(run=_run_evaluate)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="settings, JSON or TOML (see m3netcore.train.config)")
+    parser.add_argument("--protocol", metavar="P", help="label protocol (default mean-excl3, or the config's)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="epochs (overrides the config)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed (overrides the config)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _run_config(args: argparse.Namespace):
+    """The config of --config with --protocol/--epochs/--seed over it; ``None`` if none was given."""
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.config import RunConfig, read_config
+
+    if args.config is None and args.protocol is None and args.epochs is None and args.seed is None:
+        return None
+    config = read_config(args.config) if args.config else RunConfig()
+    try:
+        return config.replace(protocol=args.protocol, epochs=args.epochs, seed=args.seed)
+    except ValueError as err:
+        raise M3NetInputError(f"bad option: {err}") from err
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.run import train_run
+
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise M3NetInputError(f"--stop-after-epoch must be >= 1, got {args.stop_after_epoch}")
+    config = _run_config(args)
+    if config is None and not args.resume:
+        from m3netcore.train.config import RunConfig
+
+        config = RunConfig()
+    train_run(args.data, args.model, args.fold, args.out, config, resume=args.resume,
+              stop_after_epoch=args.stop_after_epoch, device=args.device)  # fmt: skip
+    return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -260,6 +333,29 @@ def _run_lidc_phantom(args: argparse.Namespace) -> int:
     if (args.workers is not None and args.workers < 1) or (args.limit is not None and args.limit < 1):
         raise M3NetInputError("--workers and --limit must be positive")
     build_phantom_cache(args.out, seed=args.seed, database=args.database, limit=args.limit, workers=args.workers)
+    return 0
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from m3netcore.train.cv import cross_validate
+
+    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device)
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model
+
+    report = evaluate_model(
+        args.model, args.data, fold=args.fold, out=args.out, protocol=args.protocol, device=args.device
+    )
+    metrics = report["metrics"]
+    where = "all labelled nodules" if report["fold"] is None else f"fold {report['fold']}"
+    print(f"{report['model_name']} on {where} ({metrics['nodules']} nodules, protocol {report['protocol']}):")
+    for name in ("auc", *CALLED_METRICS):
+        low, high = metrics[name]["ci"]
+        print(f"  {name:<18} {metrics[name]['value']:.3f} (95% CI {low:.3f}-{high:.3f})")
+    print(f"  {'ece':<18} {metrics['ece']:.3f}")
     return 0
 
 

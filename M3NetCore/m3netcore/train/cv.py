@@ -1,0 +1,140 @@
+"""``m3net cv``: train one model per held-out fold, one after another, and pool the out-of-fold predictions.
+
+Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder). Every
+nodule is predicted exactly once, by the model that did not train on its fold and was
+selected and calibrated without it; ``DIR/oof.csv`` holds these predictions and
+``DIR/summary.json`` / ``summary.md`` the pooled metrics with patient-bootstrap intervals
+and each fold's AUC. A folder with finished folds continues where it stopped: finished
+folds are kept, an interrupted one is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from m3netcore.atomic import write_text_atomic
+from m3netcore.data.cache import open_cache
+from m3netcore.data.manifest import read_rows_csv, rows_to_csv
+from m3netcore.errors import M3NetInputError
+from m3netcore.train.checkpointing import CHECKPOINT_FILE
+from m3netcore.train.config import RunConfig
+from m3netcore.train.dataset import cache_folds
+from m3netcore.train.evaluate import CALLED_METRICS, classification_metrics
+from m3netcore.train.metrics import roc_auc
+from m3netcore.train.run import MODEL_FILE, train_run
+
+
+def cross_validate(
+    data: str | os.PathLike,
+    model_name: str,
+    out: str | os.PathLike,
+    config: RunConfig | None = None,
+    *,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every fold of the cache into ``out/fold-K``, then pool; returns the summary."""
+    from m3netcore.models.registry import architecture
+
+    out = Path(out)
+    try:
+        architecture(model_name)
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
+    cache = open_cache(data)
+    folds = cache_folds(cache)
+    config = _cv_config(out, config)
+    started = time.perf_counter()
+    fold_rows = []
+    for fold in folds:
+        run = out / f"fold-{fold}"
+        if (run / MODEL_FILE).is_file():
+            log(f"fold {fold}: finished earlier ({run / MODEL_FILE})")
+        else:
+            resume = (run / CHECKPOINT_FILE).is_file()
+            log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
+            train_run(data, model_name, fold, run, None if resume else config, resume=resume, device=device, log=log)
+        if os.environ.get("RANK", "0") != "0":
+            continue  # under torchrun only rank 0 has the files, and only it pools them
+        fold_rows.append(read_rows_csv(run / "test_predictions.csv"))
+    if not fold_rows:
+        return {}
+    pooled = [row for rows in fold_rows for row in rows]
+    write_text_atomic(out / "oof.csv", rows_to_csv(pooled))
+    summary = pooled_summary(pooled, fold_rows)
+    summary |= {
+        "architecture": model_name, "data": str(cache.path), "data_kind": cache.info.get("kind"),
+        "semi_synthetic": cache.semi_synthetic, "protocol": config.protocol, "folds": folds,
+        "seconds_this_call": round(time.perf_counter() - started, 1), "config": config.to_dict(),
+    }  # fmt: skip
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
+    m = summary["metrics"]
+    log(
+        f"pooled out-of-fold ({m['nodules']} nodules): AUC {m['auc']['value']:.3f} "
+        f"({m['auc']['ci'][0]:.3f}-{m['auc']['ci'][1]:.3f}), accuracy {m['accuracy']['value']:.3f}; "
+        f"wrote {out / 'oof.csv'} and {out / 'summary.md'}"
+    )
+    return summary
+
+
+def pooled_summary(pooled: list[dict], per_fold: list[list[dict]]) -> dict:
+    """Metrics of the pooled out-of-fold predictions, and each fold's own AUC."""
+    probabilities = np.asarray([row["probability"] for row in pooled], dtype=np.float64)
+    called = np.asarray([row["called"] for row in pooled], dtype=bool)
+    labels = np.asarray([row["label"] for row in pooled], dtype=np.int64)
+    metrics = classification_metrics(probabilities, called, labels, [row["patient_id"] for row in pooled])
+    folds = []
+    for rows in per_fold:
+        y = np.asarray([r["label"] for r in rows])
+        p = np.asarray([r["probability"] for r in rows], dtype=np.float64)
+        folds.append({"fold": rows[0]["fold"], "nodules": len(rows),
+                      "auc": roc_auc(p, y) if len(set(y.tolist())) == 2 else None})  # fmt: skip
+    return {"metrics": metrics, "per_fold": folds}
+
+
+def summary_markdown(summary: dict) -> str:
+    m = summary["metrics"]
+    lines = [f"# Cross-validation of {summary['architecture']}", ""]
+    if summary["semi_synthetic"]:
+        lines += [f"**SEMI-SYNTHETIC data ({summary['data_kind']}): these numbers are not about CT of patients.**", ""]
+    lines += [
+        f"Data `{summary['data']}`, protocol {summary['protocol']}, patient-level folds {summary['folds']}; "
+        f"pooled out-of-fold predictions of {m['nodules']} nodules ({m['malignant']} malignant, "
+        f"{m['patients']} patients). Each fold's model was selected and calibrated on an inner validation "
+        "split of its training folds.",
+        "",
+        "| metric | value | 95% CI (patient bootstrap) |",
+        "|---|---|---|",
+    ]
+    for name in ("auc", *CALLED_METRICS):
+        low, high = m[name]["ci"]
+        lines.append(f"| {name.replace('_', ' ')} | {m[name]['value']:.3f} | {low:.3f} - {high:.3f} |")
+    lines += ["", f"ECE {m['ece']:.3f}.", "", "| fold | nodules | AUC |", "|---|---|---|"]
+    for row in summary["per_fold"]:
+        auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
+        lines.append(f"| {row['fold']} | {row['nodules']} | {auc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cv_config(out: Path, config: RunConfig | None) -> RunConfig:
+    """The settings of the cross-validation in ``out``: given ones for a new folder, the stored ones to continue."""
+    stored_path = out / "cv-config.json"
+    if stored_path.is_file():
+        stored = RunConfig.from_dict(json.loads(stored_path.read_text(encoding="utf-8")))
+        if config is not None and config != stored:
+            changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
+            raise M3NetInputError(f"{out} holds a cross-validation with other settings ({', '.join(changed)})")
+        return stored
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise M3NetInputError(f"{out} exists and is not an empty folder or a cross-validation to continue")
+    config = config or RunConfig()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        write_text_atomic(stored_path, json.dumps(config.to_dict(), indent=2) + "\n")
+    return config

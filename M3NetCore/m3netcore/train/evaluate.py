@@ -1,0 +1,227 @@
+"""``m3net evaluate``: a model on a cache's held-out nodules, with patient-bootstrap intervals and figures.
+
+Metrics: AUC, and at the model's threshold accuracy, sensitivity, specificity, balanced
+accuracy and F1, each with a 95% interval from resampling patients (the nodules of a
+patient are not independent); expected calibration error with a reliability diagram;
+ROC curve and confusion matrix. Written as ``report.md``, ``report.json``,
+``predictions.csv`` and PNGs in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m3netcore.atomic import write_text_atomic
+from m3netcore.checkpoint import Model, load_model
+from m3netcore.data.baselines import _with_interval as patient_bootstrap  # one bootstrap for every table
+from m3netcore.data.cache import open_cache
+from m3netcore.data.labels import DEFAULT_PROTOCOL, check_protocol
+from m3netcore.data.manifest import rows_to_csv
+from m3netcore.errors import M3NetInputError
+from m3netcore.train.config import RunConfig
+from m3netcore.train.dataset import ViewSource, cache_folds
+from m3netcore.train.metrics import expected_calibration_error, roc_auc
+
+CALLED_METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
+
+
+def classification_metrics(
+    probabilities: np.ndarray, called: np.ndarray, labels: np.ndarray, patients: Sequence[str], *, seed: int = 0
+) -> dict:
+    """AUC and the called-label metrics, each ``{"value", "ci"}`` (95%, patient bootstrap), plus ECE and counts.
+
+    Args:
+        probabilities: calibrated probabilities of malignancy.
+        called: 0/1 calls (probability at or above each model's threshold).
+        labels: 0/1 truth.
+        patients: each nodule's patient id (the resampling unit).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    called = np.asarray(called).astype(bool)
+    labels = np.asarray(labels).astype(bool)
+    patients = np.asarray([str(p) for p in patients])
+    if labels.size == 0:
+        raise M3NetInputError("no labelled nodules to evaluate")
+    functions = {
+        "auc": lambda idx: roc_auc(probabilities[idx], labels[idx]),
+        "accuracy": lambda idx: float(np.mean(called[idx] == labels[idx])),
+        "sensitivity": lambda idx: _rate(called[idx], labels[idx]),
+        "specificity": lambda idx: _rate(~called[idx], ~labels[idx]),
+        "balanced_accuracy": lambda idx: 0.5 * (_rate(called[idx], labels[idx]) + _rate(~called[idx], ~labels[idx])),
+        "f1": lambda idx: _f1(called[idx], labels[idx]),
+    }
+    metrics = {}
+    for name, function in functions.items():
+        try:
+            value, interval = patient_bootstrap(function, patients, seed)
+        except ValueError:  # e.g. AUC of one class: not defined
+            value, interval = float("nan"), [float("nan"), float("nan")]
+        metrics[name] = {"value": value, "ci": interval}
+    matrix = np.array(
+        [[np.sum(~labels & ~called), np.sum(~labels & called)], [np.sum(labels & ~called), np.sum(labels & called)]]
+    )
+    return metrics | {
+        "ece": expected_calibration_error(probabilities, labels),
+        "confusion": matrix.tolist(),
+        "nodules": int(labels.size),
+        "malignant": int(labels.sum()),
+        "patients": int(np.unique(patients).size),
+    }
+
+
+def evaluate_model(
+    model_or_run: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    fold: int | None = None,
+    out: str | os.PathLike | None = None,
+    protocol: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a model file (or a run folder's model) on a cache; write the report; return it.
+
+    The fold defaults to the one the run held out; without a fold every labelled nodule is
+    used, which is only a fair test for data the model never trained on (the report says so).
+    """
+    from m3netcore.predict import resolve_device
+
+    source_path = Path(model_or_run)
+    if source_path.is_dir():
+        model_path = source_path / "model.safetensors"
+        if not model_path.is_file():
+            raise M3NetInputError(f"{source_path} holds no model.safetensors (is the run finished?)")
+        out = Path(out) if out is not None else source_path / "evaluation"
+    else:
+        model_path = source_path
+        if out is None:
+            raise M3NetInputError("evaluating a model file needs --out DIR")
+        out = Path(out)
+    model = load_model(model_path)
+    training = model.metadata.get("training", {})
+    protocol = protocol or training.get("protocol") or DEFAULT_PROTOCOL
+    try:
+        check_protocol(protocol)
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
+    cache = open_cache(data)
+    if fold is None and training.get("fold") is not None:
+        fold = int(training["fold"])
+    if fold is not None and fold not in cache_folds(cache):
+        raise M3NetInputError(f"--fold {fold} out of range: {cache.path} has folds {cache_folds(cache)}")
+    column = f"label_{protocol}"
+    chosen = np.asarray(
+        [i for i, row in enumerate(cache.rows)
+         if row.get(column) is not None and (fold is None or row["fold"] == fold)],
+        dtype=np.int64,
+    )  # fmt: skip
+    if chosen.size == 0:
+        raise M3NetInputError(f"no nodules labelled under {protocol} in fold {fold} of {cache.path}")
+    probabilities = predict_probabilities(model, cache, chosen, device=resolve_device(device))
+    labels = np.asarray([cache.rows[i][column] for i in chosen], dtype=np.int64)
+    patients = [cache.rows[i]["patient_id"] for i in chosen]
+    called = probabilities >= model.threshold
+    metrics = classification_metrics(probabilities, called, labels, patients)
+    report = {
+        "model": str(model_path), "model_name": model.name, "architecture": model.architecture,
+        "data": str(cache.path), "data_kind": cache.info.get("kind"), "semi_synthetic": cache.semi_synthetic,
+        "protocol": protocol, "fold": fold, "threshold": model.threshold, "temperature": model.temperature,
+        "trained_on_this_data": training.get("data") is not None
+        and Path(training["data"]).resolve() == Path(cache.path).resolve(),
+        "metrics": metrics,
+    }  # fmt: skip
+    rows = [
+        {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"],
+         "fold": cache.rows[i]["fold"], "label": int(y), "probability": round(float(p), 6), "called": int(c)}
+        for i, y, p, c in zip(chosen, labels, probabilities, called, strict=True)
+    ]  # fmt: skip
+    write_report(report, probabilities, labels, out, predictions=rows)
+    return report
+
+
+@torch.inference_mode()
+def predict_probabilities(model: Model, cache, indices: np.ndarray, *, device: torch.device,
+                          batch_size: int = 64) -> np.ndarray:  # fmt: skip
+    """Calibrated probabilities of the cached nodules' untransformed views (what inference sees)."""
+    source = ViewSource(cache, model.preprocessing, RunConfig(), device)
+    network = model.network.to(device).eval()
+    logits = []
+    for start in range(0, len(indices), batch_size):
+        logits.append(network(source.views(indices[start : start + batch_size])).logit.float().cpu())
+    z = torch.cat(logits).double().numpy()
+    return 1.0 / (1.0 + np.exp(-z / model.temperature))
+
+
+def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, out: str | os.PathLike,
+                 *, predictions: Sequence[dict] | None = None) -> None:  # fmt: skip
+    """``report.json``, ``report.md``, ``predictions.csv`` and the figures (when matplotlib is there)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = report["metrics"]
+    figures = []
+    try:
+        from m3netcore.train import plots
+    except ImportError:
+        plots = None
+    if plots is not None:
+        if len(set(np.asarray(labels).tolist())) == 2:
+            plots.plot_roc(probabilities, labels, metrics["auc"]["value"], out / "roc.png")
+            figures.append("roc.png")
+        plots.plot_reliability(probabilities, labels, metrics["ece"], out / "reliability.png")
+        plots.plot_confusion(np.asarray(metrics["confusion"]), report.get("threshold", 0.5), out / "confusion.png")
+        figures += ["reliability.png", "confusion.png"]
+    report = report | {"figures": figures}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
+    write_text_atomic(out / "report.md", markdown_report(report))
+    if predictions:
+        write_text_atomic(out / "predictions.csv", rows_to_csv(predictions))
+
+
+def markdown_report(report: dict) -> str:
+    metrics = report["metrics"]
+    where = "all labelled nodules" if report.get("fold") is None else f"fold {report['fold']}"
+    lines = [f"# Evaluation of {report.get('model_name', report.get('model'))}", ""]
+    if report.get("semi_synthetic"):
+        kind = report.get("data_kind")
+        lines += [f"**SEMI-SYNTHETIC data ({kind}): these numbers are not about CT of patients.**", ""]
+    if report.get("fold") is None and report.get("trained_on_this_data"):
+        lines += ["**Warning: every nodule evaluated, and the model was trained on this cache: "
+                  "not a held-out test.**", ""]
+    lines += [
+        f"- Data: `{report['data']}` ({report.get('data_kind')}), {where}, protocol {report['protocol']}",
+        f"- {metrics['nodules']} nodules ({metrics['malignant']} malignant) of {metrics['patients']} patients",
+        f"- Threshold {report.get('threshold', 0.5):.3f} on the calibrated probability",
+        "",
+        "| metric | value | 95% CI (patient bootstrap) |",
+        "|---|---|---|",
+    ]
+    for name in ("auc", *CALLED_METRICS):
+        value, (low, high) = metrics[name]["value"], metrics[name]["ci"]
+        lines.append(f"| {name.replace('_', ' ')} | {value:.3f} | {low:.3f} - {high:.3f} |")
+    (tn, fp), (fn, tp) = metrics["confusion"]
+    lines += [
+        "",
+        f"Expected calibration error (10 bins): {metrics['ece']:.3f}.",
+        f"Confusion: {tp} true positives, {fn} false negatives, {tn} true negatives, {fp} false positives.",
+        "",
+    ]
+    lines += [f"![{Path(f).stem}]({f})" for f in report.get("figures", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _rate(hits: np.ndarray, among: np.ndarray) -> float:
+    """Share of ``among`` that are ``hits`` (sensitivity: called among malignant)."""
+    if not among.any():
+        raise ValueError("no cases to take a rate over")
+    return float(np.mean(hits[among]))
+
+
+def _f1(called: np.ndarray, labels: np.ndarray) -> float:
+    tp = np.sum(called & labels)
+    denominator = 2 * tp + np.sum(called & ~labels) + np.sum(~called & labels)
+    return float(2 * tp / denominator) if denominator else 0.0

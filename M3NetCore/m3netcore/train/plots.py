@@ -1,0 +1,102 @@
+"""Figures of training and evaluation (matplotlib, the ``[report]`` extra), each written atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window (and work without a display)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m3netcore.atomic import atomic_path  # noqa: E402
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Training losses, validation loss and AUC, and the learning rate per epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure, (losses, auc, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, label in (("train_loss", "train (total)"), ("bce_loss", "train BCE"), ("mi_loss", "train InfoNCE"),
+                       ("val_loss", "validation BCE")):  # fmt: skip
+        losses.plot(epochs, [row[key] for row in history], marker=".", label=label)
+    losses.set(xlabel="epoch", ylabel="loss", title="losses")
+    losses.legend(fontsize=8)
+    auc.plot(epochs, [row["val_auc"] for row in history], marker=".", color="tab:green")
+    auc.set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0.4, 1.0))
+    rate.plot(epochs, [row["lr"] for row in history], marker=".", color="tab:gray")
+    rate.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+    for ax in (losses, auc, rate):
+        ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: str | os.PathLike) -> None:
+    """ROC curve with the AUC in the legend."""
+    fpr, tpr = roc_points(probabilities, labels)
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, ece: float, path: str | os.PathLike,
+                     bins: int = 10) -> None:  # fmt: skip
+    """Observed malignant fraction against mean predicted probability per equal-width bin."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    which = np.clip(np.digitize(probabilities, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    mean_p, observed, counts = [], [], []
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            mean_p.append(probabilities[members].mean())
+            observed.append(labels[members].mean())
+            counts.append(int(members.sum()))
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8, label="perfect calibration")
+    ax.plot(mean_p, observed, marker="o", label=f"model (ECE {ece:.3f})")
+    for x, y, n in zip(mean_p, observed, counts, strict=True):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="mean predicted probability", ylabel="observed malignant fraction", title="reliability",
+           xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, threshold: float, path: str | os.PathLike) -> None:
+    """2x2 confusion matrix (rows: truth benign/malignant; columns: called benign/malignant)."""
+    figure, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(matrix, cmap="Blues")
+    names = ("benign", "malignant")
+    ax.set_xticks([0, 1], [f"called {n}" for n in names])
+    ax.set_yticks([0, 1], [f"truly {n}" for n in names])
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(int(value)), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
+    ax.set_title(f"confusion at threshold {threshold:.3f}")
+    _save(figure, path)
+
+
+def roc_points(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-probabilities, kind="mergesort")
+    sorted_p, sorted_y = probabilities[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(sorted_p))[0], sorted_p.size - 1]
+    tp = np.cumsum(sorted_y)[last_of_tie]
+    fp = np.cumsum(~sorted_y)[last_of_tie]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    plt.close(figure)

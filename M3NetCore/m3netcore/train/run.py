@@ -1,0 +1,224 @@
+"""``m3net train``: one model on the training folds of a cache, held-out fold ``K`` untouched.
+
+A run folder holds::
+
+    RUN/
+      config.json          the settings (a resumed run uses these)
+      split.json           how many nodules of each class train, validate and test
+      checkpoint.pt        resumable state, rewritten atomically after every epoch
+      metrics.csv          one row per epoch; curves.png plots it (with matplotlib)
+      model.safetensors    the selected, calibrated model (checkpoint.py format) with its card
+      test_predictions.csv the held-out fold's calibrated probabilities and calls (for cross-validation)
+      processes.json       under torchrun: each process's weight digest at the end (must be equal)
+
+Training: :class:`m3netcore.train.trainer.Trainer`. Selection: the epoch of best validation
+AUC. Calibration: a temperature fitted on the validation nodules, then the threshold that
+maximises their balanced accuracy. Under ``torchrun`` the same code trains data-parallel (see
+:mod:`m3netcore.train.distributed`); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m3netcore.atomic import write_text_atomic
+from m3netcore.checkpoint import Model, save_model
+from m3netcore.data.cache import Cache, open_cache
+from m3netcore.data.manifest import rows_to_csv
+from m3netcore.errors import M3NetInputError
+from m3netcore.models.registry import architecture, build_model
+from m3netcore.train import distributed
+from m3netcore.train.config import RunConfig
+from m3netcore.train.dataset import Split, ViewSource, split_cache
+from m3netcore.train.loop import fit_temperature
+from m3netcore.train.metrics import roc_auc
+from m3netcore.train.trainer import Trainer, predict_logits
+
+MODEL_FILE = "model.safetensors"
+
+
+def train_run(
+    data: str | os.PathLike,
+    model_name: str,
+    fold: int,
+    out: str | os.PathLike,
+    config: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train, select, calibrate and write ``out/model.safetensors``; returns a summary.
+
+    Args:
+        data: a cache folder (:mod:`m3netcore.data.cache`).
+        model_name: a registered architecture.
+        fold: the held-out test fold.
+        out: the run folder (created; must not hold another run unless ``resume``).
+        config: settings (defaults when ``None``); a resumed run keeps its own.
+        resume: continue the interrupted run in ``out`` from its last checkpoint.
+        stop_after_epoch: stop after this epoch as if interrupted (checkpoint kept, no
+            model file); ``resume`` continues. For time-sliced jobs and the resume test.
+        device: "auto", "cpu" or "cuda".
+
+    Raises:
+        M3NetInputError: bad cache, model name, fold, protocol or run folder.
+    """
+    from m3netcore.predict import resolve_device
+
+    out = Path(out)
+    config = _run_config(out, config, resume)
+    try:
+        architecture(model_name)
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
+    cache = open_cache(data)
+    split = split_cache(cache, config.protocol, fold, validation_folds=config.validation_folds, seed=config.seed)
+    processes = distributed.start(resolve_device(device))
+    try:
+        return _train(cache, split, model_name, fold, out, config, processes, resume, stop_after_epoch, log)
+    finally:
+        distributed.stop(processes)
+
+
+def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, config: RunConfig,
+           processes: distributed.Processes, resume: bool, stop_after_epoch: int | None,
+           log: Callable[[str], None]) -> dict:  # fmt: skip
+    say = log if processes.main else (lambda _: None)
+    source = ViewSource(cache, architecture(model_name).preprocessing(), config, processes.device)
+    trainer = Trainer(model_name, split, source, config, processes, out, say)
+    if resume:
+        trainer.resume()
+        say(f"resumed {out} after epoch {trainer.epochs_done}/{config.epochs}")
+    elif processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        write_text_atomic(out / "split.json", json.dumps(split.describe() | {"fold": fold}, indent=2) + "\n")
+    counts = split.describe()
+    say(
+        f"{model_name} fold {fold} ({config.protocol}): train {counts['train']['nodules']} "
+        f"({counts['train']['malignant']} malignant), validation {counts['validation']['nodules']}, "
+        f"test {counts['test']['nodules']} held out; {trainer.steps_per_epoch} steps/epoch x {config.epochs} "
+        f"epochs, {processes.world_size} process(es) on {processes.device}"
+    )
+    if not trainer.train(stop_after_epoch):
+        say(f"stopped after epoch {trainer.epochs_done} as asked; continue with --resume")
+        return {"stopped_after_epoch": trainer.epochs_done, "out": str(out)}
+    if not processes.main:
+        return {"out": str(out)}
+    return _finish(cache, split, model_name, fold, out, config, trainer, say)
+
+
+def _finish(cache: Cache, split: Split, model_name: str, fold: int, out: Path, config: RunConfig,
+            trainer: Trainer, say: Callable[[str], None]) -> dict:  # fmt: skip
+    """Select the best epoch, calibrate on validation, predict the held-out fold, write the model."""
+    network, source, best, history = trainer.network, trainer.source, trainer.best, trainer.history
+    network.load_state_dict(best["network"])
+    validation_logits = predict_logits(network, source, split.validation)
+    validation_labels = split.labels_of(split.validation)
+    temperature = fit_temperature(validation_logits, validation_labels)
+    threshold = best_threshold(_sigmoid(validation_logits / temperature), validation_labels)
+    test_logits = predict_logits(network, source, split.test)
+    test_labels = split.labels_of(split.test)
+    test_probabilities = _sigmoid(test_logits / temperature)
+    test_auc = roc_auc(test_probabilities, test_labels) if len(set(test_labels.tolist())) == 2 else None
+    test_rows = [
+        {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"], "fold": fold,
+         "label": int(y), "logit": round(float(z), 6), "probability": round(float(p), 6),
+         "threshold": round(threshold, 6), "called": int(p >= threshold)}
+        for i, y, z, p in zip(split.test, test_labels, test_logits, test_probabilities, strict=True)
+    ]  # fmt: skip
+    if test_rows:
+        write_text_atomic(out / "test_predictions.csv", rows_to_csv(test_rows))
+    summary = {
+        "architecture": model_name, "fold": fold, "protocol": config.protocol, "best_epoch": best["epoch"],
+        "validation_auc": best["val_auc"], "temperature": temperature, "threshold": threshold,
+        "test_auc": test_auc, "split": split.describe(), "data": str(cache.path),
+        "data_kind": cache.info.get("kind"), "semi_synthetic": cache.semi_synthetic,
+        "data_description": cache.info.get("description", ""), "config": config.to_dict(),
+        "processes": trainer.processes.world_size, "seconds": round(sum(r["seconds"] for r in history), 1),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    plain = build_model(model_name, config.model_config or None)  # plain batch norm for the model file
+    plain.load_state_dict(best["network"])
+    model = Model(
+        network=plain, architecture=model_name, preprocessing=architecture(model_name).preprocessing(),
+        temperature=temperature, threshold=threshold, name=f"{model_name}-fold{fold}", version="0",
+        card=model_card(summary), metadata={"training": summary},
+    )  # fmt: skip
+    save_model(model, out / MODEL_FILE)
+    say(
+        f"best epoch {best['epoch']} (validation AUC {best['val_auc']:.3f}); temperature {temperature:.3f}, "
+        f"threshold {threshold:.3f}; held-out fold {fold} AUC "
+        f"{'n/a' if test_auc is None else f'{test_auc:.3f}'}; wrote {out / MODEL_FILE}"
+    )
+    return summary
+
+
+def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The probability threshold of highest balanced accuracy (Youden's J) on these nodules."""
+    labels = np.asarray(labels).astype(bool)
+    candidates = np.unique(probabilities)
+    best, best_score = 0.5, -1.0
+    for threshold in candidates:
+        called = probabilities >= threshold
+        score = called[labels].mean() + (~called[~labels]).mean()
+        if score > best_score:
+            best, best_score = float(threshold), score
+    return best
+
+
+def model_card(summary: dict) -> str:
+    """The markdown model card of a trained run: data, protocol, split, selection, calibration, held-out AUC."""
+    split, config = summary["split"], summary["config"]
+    data = f"SEMI-SYNTHETIC ({summary['data_kind']}): not CT of patients. " if summary["semi_synthetic"] else ""
+    test_auc = "n/a (one class)" if summary["test_auc"] is None else f"{summary['test_auc']:.3f}"
+    lines = [
+        f"# {summary['architecture']} fold {summary['fold']}",
+        "",
+        "NOT FOR CLINICAL USE. Research model trained with `m3net train`.",
+        "",
+        f"- Data: {data}{summary['data_kind']} cache `{summary['data']}`: {summary['data_description']}",
+        f"- Label protocol: {summary['protocol']}. Held-out test fold: {summary['fold']} (patient-level folds).",
+        f"- Training: {split['train']['nodules']} nodules ({split['train']['malignant']} malignant); "
+        f"validation, an inner patient-level split of the training folds: {split['validation']['nodules']} "
+        f"({split['validation']['malignant']} malignant).",
+        f"- Selection: epoch {summary['best_epoch']} of {config['epochs']}, "
+        f"validation AUC {summary['validation_auc']:.3f}.",
+        f"- Calibration on validation: temperature {summary['temperature']:.3f}; "
+        f"threshold {summary['threshold']:.3f} (best balanced accuracy).",
+        f"- Held-out fold {summary['fold']} ({split['test']['nodules']} nodules, never used for selection or "
+        f"calibration): AUC {test_auc}.",
+        f"- Settings: lambda (InfoNCE) {config['mi_weight']}, batch {config['batch_size']}, AdamW lr "
+        f"{config['learning_rate']}, seed {config['seed']}; {summary['processes']} process(es); "
+        f"torch {summary['torch']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
+    if resume:
+        saved = out / "config.json"
+        if not saved.is_file():
+            raise M3NetInputError(f"--resume: {out} holds no run (no config.json)")
+        stored = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        if config is not None and config != stored:
+            changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
+            raise M3NetInputError(f"--resume keeps the run's own settings; these differ: {', '.join(changed)}")
+        if (out / MODEL_FILE).exists():
+            raise M3NetInputError(f"{out} is finished ({MODEL_FILE} exists): nothing to resume")
+        return stored
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise M3NetInputError(f"{out} exists and is not an empty folder; use --resume or another --out")
+    return config or RunConfig()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

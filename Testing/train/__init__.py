@@ -1,0 +1,1 @@
+"""Training tests (a package, so its conftest does not shadow the other folders' ``conftest`` modules)."""

@@ -1,0 +1,114 @@
+"""``m3net cv`` pools out-of-fold predictions; ``m3net evaluate`` reports metrics with patient-bootstrap CIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from m3netcore.cli import main
+from m3netcore.data.cache import open_cache
+from m3netcore.train.config import RunConfig
+from m3netcore.train.cv import cross_validate
+from m3netcore.train.evaluate import classification_metrics, evaluate_model
+from m3netcore.train.metrics import roc_auc
+
+QUICK = RunConfig(epochs=1, batch_size=8, log_every=100, seed=2)
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def cv_folder(two_fold_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    cross_validate(two_fold_cache, "m3net", out, QUICK, device="cpu", log=lambda _: None)
+    return out
+
+
+def test_cv_predicts_every_nodule_once_by_the_model_that_held_out_its_fold(cv_folder, two_fold_cache):
+    cache = open_cache(two_fold_cache)
+    oof = _rows(cv_folder / "oof.csv")
+    assert sorted(r["nodule_id"] for r in oof) == sorted(r["nodule_id"] for r in cache.rows)
+    fold_of = {r["nodule_id"]: r["fold"] for r in cache.rows}
+    assert all(int(r["fold"]) == fold_of[r["nodule_id"]] for r in oof)
+    for fold in (0, 1):
+        run_rows = _rows(cv_folder / f"fold-{fold}" / "test_predictions.csv")
+        assert {r["nodule_id"] for r in run_rows} == {n for n, f in fold_of.items() if f == fold}
+    summary = json.loads((cv_folder / "summary.json").read_text())
+    probabilities = np.array([float(r["probability"]) for r in oof])
+    labels = np.array([int(r["label"]) for r in oof])
+    assert summary["metrics"]["auc"]["value"] == pytest.approx(roc_auc(probabilities, labels))
+    assert summary["metrics"]["nodules"] == len(oof)
+    low, high = summary["metrics"]["auc"]["ci"]
+    assert low <= summary["metrics"]["auc"]["value"] <= high
+    assert [row["fold"] for row in summary["per_fold"]] == [0, 1]
+    assert "pooled out-of-fold predictions of 40 nodules" in (cv_folder / "summary.md").read_text()
+
+
+def test_cv_continues_a_finished_folder_without_retraining(cv_folder, two_fold_cache):
+    before = (cv_folder / "fold-0" / "model.safetensors").stat().st_mtime_ns
+    lines = []
+    cross_validate(two_fold_cache, "m3net", cv_folder, None, device="cpu", log=lines.append)
+    assert (cv_folder / "fold-0" / "model.safetensors").stat().st_mtime_ns == before
+    assert sum("finished earlier" in line for line in lines) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        cross_validate(two_fold_cache, "m3net", cv_folder, QUICK.replace(epochs=2), device="cpu", log=lines.append)
+
+
+def test_evaluate_a_run_reproduces_its_held_out_predictions_and_writes_the_report(cv_folder, two_fold_cache):
+    run = cv_folder / "fold-1"
+    report = evaluate_model(run, two_fold_cache, device="cpu")
+    assert report["fold"] == 1 and report["protocol"] == "mean-excl3"
+    held_out = _rows(run / "test_predictions.csv")
+    evaluated = {r["nodule_id"]: float(r["probability"]) for r in _rows(run / "evaluation" / "predictions.csv")}
+    assert evaluated.keys() == {r["nodule_id"] for r in held_out}
+    assert all(evaluated[r["nodule_id"]] == pytest.approx(float(r["probability"]), abs=1e-5) for r in held_out)
+    metrics = report["metrics"]
+    labels = np.array([int(r["label"]) for r in held_out])
+    assert metrics["auc"]["value"] == pytest.approx(
+        roc_auc(np.array([float(r["probability"]) for r in held_out]), labels), abs=1e-4
+    )
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"):
+        low, high = metrics[name]["ci"]
+        assert low - 1e-9 <= metrics[name]["value"] <= high + 1e-9, name
+    assert sum(map(sum, metrics["confusion"])) == len(held_out)
+    for name in ("report.md", "report.json", "roc.png", "reliability.png", "confusion.png"):
+        assert (run / "evaluation" / name).stat().st_size > 100, name
+    assert "SEMI-SYNTHETIC" in (run / "evaluation" / "report.md").read_text()
+
+
+def test_classification_metrics_on_known_values():
+    probabilities = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    called = probabilities >= 0.5
+    m = classification_metrics(probabilities, called, labels, ["a", "a", "b", "c", "d", "d"])
+    assert m["sensitivity"]["value"] == pytest.approx(2 / 3)
+    assert m["specificity"]["value"] == pytest.approx(2 / 3)
+    assert m["accuracy"]["value"] == pytest.approx(4 / 6)
+    assert m["f1"]["value"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert m["auc"]["value"] == pytest.approx(8 / 9)
+    assert m["confusion"] == [[2, 1], [1, 2]]
+    assert m["patients"] == 4
+
+
+def test_evaluate_bad_input_is_one_line(cv_folder, two_fold_cache, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nothing.safetensors"), "--data", str(two_fold_cache),
+                 "--out", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert main(["evaluate", str(cv_folder / "fold-0"), "--data", str(two_fold_cache), "--fold", "4"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("m3net: error:") for line in errors)
+    assert "--fold 4 out of range" in errors[1]
+
+
+def test_evaluate_cli_on_a_model_file_defaults_to_its_held_out_fold(cv_folder, two_fold_cache, tmp_path, capsys):
+    model_file = cv_folder / "fold-0" / "model.safetensors"
+    assert main(["evaluate", str(model_file), "--data", str(two_fold_cache), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "on fold 0" in printed and "balanced_accuracy" in printed and "95% CI" in printed
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["fold"] == 0 and report["metrics"]["nodules"] == 20

@@ -1,0 +1,134 @@
+"""``m3net train``: outputs, patient-level split, exact resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m3netcore.checkpoint import load_model
+from m3netcore.cli import main
+from m3netcore.data.cache import open_cache
+from m3netcore.models import build_model
+from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint
+from m3netcore.train.config import RunConfig
+from m3netcore.train.dataset import split_cache
+from m3netcore.train.run import train_run
+from m3netcore.train.trainer import METRIC_COLUMNS
+
+QUICK = RunConfig(epochs=3, batch_size=8, log_every=100, seed=1)
+
+
+def test_split_holds_out_the_fold_and_never_splits_a_patient(tiny_cache):
+    cache = open_cache(tiny_cache)
+    split = split_cache(cache, "mean-excl3", 2, seed=0)
+    patients = {
+        part: {cache.rows[i]["patient_id"] for i in getattr(split, part)} for part in ("train", "validation", "test")
+    }
+    assert {cache.rows[i]["fold"] for i in split.test} == {2}
+    assert 2 not in {cache.rows[i]["fold"] for i in (*split.train, *split.validation)}
+    assert not patients["train"] & patients["validation"]
+    assert not patients["test"] & (patients["train"] | patients["validation"])
+    assert len(split.train) + len(split.validation) + len(split.test) == len(cache)
+    assert 0 < len(split.validation) < len(split.train)
+
+
+def test_interrupted_then_resumed_run_ends_bitwise_identical(tiny_cache, tmp_path):
+    straight = train_run(tiny_cache, "m3net", 0, tmp_path / "straight", QUICK, device="cpu", log=lambda _: None)
+    stopped = train_run(
+        tiny_cache, "m3net", 0, tmp_path / "resumed", QUICK, stop_after_epoch=1, device="cpu", log=lambda _: None
+    )
+    assert stopped["stopped_after_epoch"] == 1
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["epoch"] == 1
+    train_run(tiny_cache, "m3net", 0, tmp_path / "resumed", None, resume=True, device="cpu", log=lambda _: None)
+
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT_FILE)
+    b = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)
+    assert a["epoch"] == b["epoch"] == 3
+    assert [r["val_auc"] for r in a["history"]] == [r["val_auc"] for r in b["history"]]
+    for key, tensor in a["network"].items():
+        assert torch.equal(tensor, b["network"][key]), key
+    model_a = load_file(tmp_path / "straight" / "model.safetensors")
+    model_b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    # the weights did move: training happened in both
+    torch.manual_seed(QUICK.seed)
+    initial = build_model("m3net").state_dict()
+    assert not torch.equal(initial["classifier.weight"], a["network"]["classifier.weight"])
+    aucs = [row["val_auc"] for row in b["history"]]
+    assert straight["best_epoch"] == aucs.index(max(aucs)) + 1  # the first epoch of best validation AUC
+    # the tiny cache's rule (malignant nodules are larger) is learnt: the held-out fold is separated
+    assert straight["test_auc"] > 0.8
+
+
+def test_run_writes_metrics_plot_and_a_loadable_model_with_its_card(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    summary = train_run(tiny_cache, "m3net", 1, run, QUICK.replace(epochs=2), device="cpu", log=lambda _: None)
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["val_auc"]) <= 1.0 and float(r["nodules_per_s"]) > 0 for r in rows)
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    assert (run / "curves.png").stat().st_size > 5000
+    model = load_model(run / "model.safetensors")
+    assert model.architecture == "m3net"
+    assert model.temperature == pytest.approx(summary["temperature"])
+    assert "fold 1" in model.card and "mean-excl3" in model.card and "SEMI-SYNTHETIC" in model.card
+    assert model.metadata["training"]["semi_synthetic"] is True
+    assert model.metadata["training"]["validation_auc"] == pytest.approx(max(float(r["val_auc"]) for r in rows))
+    with open(run / "test_predictions.csv", newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    cache = open_cache(tiny_cache)
+    assert {p["nodule_id"] for p in predictions} == {r["nodule_id"] for r in cache.rows if r["fold"] == 1}
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+def test_a_run_folder_is_not_overwritten_and_resume_needs_a_run(tiny_cache, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "something").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        train_run(tiny_cache, "m3net", 0, tmp_path / "busy", QUICK, device="cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match="holds no run"):
+        train_run(tiny_cache, "m3net", 0, tmp_path / "none", None, resume=True, device="cpu", log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--data", "{missing}"], "not an M3Net cache"),
+        (["--model", "no-such-net"], "unknown model architecture 'no-such-net'"),
+        (["--fold", "7"], "--fold 7 out of range"),
+        (["--protocol", "loudest"], "unknown label protocol 'loudest'"),
+        (["--epochs", "0"], "epochs must be positive"),
+        (["--config", "{missing}/c.json"], "no config file"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_exit_2(tiny_cache, tmp_path, capsys, options, message):
+    arguments = {"--data": str(tiny_cache), "--model": "m3net", "--fold": "0", "--out": str(tmp_path / "run")}
+    extra = []
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        value = value.format(missing=tmp_path / "missing")
+        if flag in arguments:
+            arguments[flag] = value
+        else:
+            extra += [flag, value]
+    argv = ["train", *[x for pair in arguments.items() for x in pair], *extra]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("m3net: error:")
+    assert message in error
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_bad_config_file_is_named(tmp_path, tiny_cache, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"epochs": 2, "learning_rat": 0.1}))
+    assert main(["train", "--data", str(tiny_cache), "--fold", "0", "--out", str(tmp_path / "r"),
+                 "--config", str(config)]) == 2  # fmt: skip
+    assert "unknown training setting(s) ['learning_rat']" in capsys.readouterr().err

@@ -47,6 +47,11 @@ def test_cv_predicts_every_nodule_once_by_the_model_that_held_out_its_fold(cv_fo
     low, high = summary["metrics"]["auc"]["ci"]
     assert low <= summary["metrics"]["auc"]["value"] <= high
     assert [row["fold"] for row in summary["per_fold"]] == [0, 1]
+    fold_aucs = []
+    for fold in (0, 1):
+        rows = [r for r in oof if int(r["fold"]) == fold]
+        fold_aucs.append(roc_auc(np.array([float(r["probability"]) for r in rows]), [int(r["label"]) for r in rows]))
+    assert summary["mean_fold_auc"] == pytest.approx(np.mean(fold_aucs))
     assert "pooled out-of-fold predictions of 40 nodules" in (cv_folder / "summary.md").read_text()
 
 

@@ -171,7 +171,7 @@ def read_model_file(path: str | os.PathLike) -> Model:
     try:
         architecture_name = document["architecture"]
         network = build_model(architecture_name, document["config"])
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(_upgraded(architecture_name, state), strict=True)
         model = Model(
             network=network,
             architecture=architecture_name,
@@ -187,6 +187,20 @@ def read_model_file(path: str | os.PathLike) -> Model:
         raise ModelFileError(f"{path}: model file content does not fit this m3net-core: {err}") from err
     network.eval()
     return model
+
+
+def _upgraded(architecture_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of an earlier M3Net head, renamed for the current one (the same function).
+
+    Files made before the per-scale votes hold ``classifier.*``: one linear layer on the
+    attention-weighted mix of value vectors. Because the weights sum to 1,
+    ``W (sum_s a_s v_s) + b == sum_s a_s (W v_s + b)``, which is the current head with
+    ``vote = classifier``: such files give the same answers, so they still load.
+    """
+    if architecture_name != "m3net" or "classifier.weight" not in state or "vote.weight" in state:
+        return state
+    return {("vote." + key[len("classifier.") :] if key.startswith("classifier.") else key): value
+            for key, value in state.items()}  # fmt: skip
 
 
 def bundled_registry() -> dict[str, dict]:

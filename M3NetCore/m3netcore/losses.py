@@ -1,4 +1,6 @@
-"""Cross-scale mutual information: InfoNCE between the scale embeddings of each nodule.
+"""The training losses beside the main one: cross-scale mutual information, per-scale votes.
+
+Cross-scale mutual information: InfoNCE between the scale embeddings of each nodule.
 
 For every pair of scales (micro-meso, meso-macro, micro-macro) the embedding of a nodule
 at one scale must pick out the same nodule's embedding at the other scale among all
@@ -39,3 +41,22 @@ def cross_scale_infonce(embeddings: Tensor, temperature: float = 0.1) -> Tensor:
         logits = embeddings[:, i] @ embeddings[:, j].T / temperature
         losses.append(0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)))
     return torch.stack(losses).mean()
+
+
+def scale_vote_loss(scale_logits: Tensor, target: Tensor, pos_weight: Tensor | None = None) -> Tensor:
+    """Mean binary cross-entropy of every scale's own vote against the label.
+
+    Each vote must predict the label from its own view alone, so a view that cannot tell the
+    classes apart votes near the prior, and only an attention weight on a view that can
+    decide lowers the main loss. This is what makes M3Net's scale attention name the
+    deciding view (see :class:`m3netcore.models.m3net.M3Net`).
+
+    Args:
+        scale_logits: ``(B, S)``, ``ModelOutput.scale_logits``.
+        target: ``(B,)`` 0/1 labels.
+        pos_weight: as for the main loss (class balance).
+    """
+    if scale_logits.ndim != 2:
+        raise ValueError(f"scale_logits must be (B, S), got shape {tuple(scale_logits.shape)}")
+    targets = target.float()[:, None].expand_as(scale_logits)
+    return F.binary_cross_entropy_with_logits(scale_logits.float(), targets, pos_weight=pos_weight)

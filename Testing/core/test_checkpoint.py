@@ -190,3 +190,33 @@ def test_model_rejects_bad_calibration(kwargs: dict, message: str) -> None:
     untrained = Model.untrained("single-micro")
     with pytest.raises(ValueError, match=message):
         Model(network=untrained.network, architecture="single-micro", preprocessing=untrained.preprocessing, **kwargs)
+
+
+def test_a_file_from_before_the_per_scale_votes_loads_and_answers_the_same(tmp_path):
+    """Old M3Net files hold ``classifier.*`` (one linear layer on the attention-weighted mix)."""
+    from m3netcore import checkpoint
+
+    torch.manual_seed(3)
+    model = Model.untrained("m3net")
+    new_path = tmp_path / "new.safetensors"
+    save_model(model, new_path)
+    with safe_open(str(new_path), framework="pt") as handle:
+        document = json.loads(handle.metadata()[METADATA_KEY])
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    old_state = {(key.replace("vote.", "classifier.", 1) if key.startswith("vote.") else key): value
+                 for key, value in state.items()}  # fmt: skip
+    document["weights_sha256"] = checkpoint._weights_digest(old_state)
+    save_file(old_state, str(tmp_path / "old.safetensors"), metadata={METADATA_KEY: json.dumps(document)})
+
+    old = read_model_file(tmp_path / "old.safetensors").network
+    new = read_model_file(new_path).network
+    views = [torch.rand(3, 1, 32, 32, 32) for _ in range(3)]
+    with torch.inference_mode():
+        assert torch.allclose(old(views).logit, new(views).logit)
+        # and the old head's formula gives the current logit: W (sum a v) + b == sum a (W v + b)
+        features = new.forward_features(views)
+        tokens = torch.stack([new.tokenizers[n](features[:, i]) for i, n in enumerate(new.scale_names)], dim=1)
+        tokens = tokens + new.scale_embedding
+        output = new.forward_head(features)
+        mixed = torch.einsum("bs,bst->bt", output.scale_attention, new.value(tokens))
+        assert torch.allclose(new.vote(mixed).squeeze(-1), output.logit, atol=1e-6)

@@ -67,3 +67,12 @@ def test_metrics_on_known_values():
         roc_auc(np.array([0.1, 0.2]), np.array([1, 1]))
     assert accuracy(np.array([0.2, 0.7, 0.6]), np.array([0, 1, 0])) == pytest.approx(2 / 3)
     assert expected_calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([1, 1, 0, 0])) == pytest.approx(0.1)
+
+
+def test_temperature_fit_never_returns_nan_on_separable_logits():
+    from m3netcore.train.loop import fit_temperature
+
+    labels = np.arange(24) % 2
+    for logits in (np.where(labels == 1, 1e-3, -1e-3), np.where(labels == 1, 50.0, -50.0), np.zeros(24)):
+        temperature = fit_temperature(logits, labels)
+        assert np.isfinite(temperature) and 0.05 <= temperature <= 20.0

@@ -59,7 +59,7 @@ def test_interrupted_then_resumed_run_ends_bitwise_identical(tiny_cache, tmp_pat
     # the weights did move: training happened in both
     torch.manual_seed(QUICK.seed)
     initial = build_model("m3net").state_dict()
-    assert not torch.equal(initial["classifier.weight"], a["network"]["classifier.weight"])
+    assert not torch.equal(initial["vote.weight"], a["network"]["vote.weight"])
     aucs = [row["val_auc"] for row in b["history"]]
     assert straight["best_epoch"] == aucs.index(max(aucs)) + 1  # the first epoch of best validation AUC
     # the tiny cache's rule (malignant nodules are larger) is learnt: the held-out fold is separated
@@ -132,3 +132,12 @@ def test_bad_config_file_is_named(tmp_path, tiny_cache, capsys):
     assert main(["train", "--data", str(tiny_cache), "--fold", "0", "--out", str(tmp_path / "r"),
                  "--config", str(config)]) == 2  # fmt: skip
     assert "unknown training setting(s) ['learning_rat']" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_fold_or_model(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    train_run(tiny_cache, "m3net", 0, run, QUICK, stop_after_epoch=1, device="cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match=r"another run: its fold 0 \(given 2\)"):
+        train_run(tiny_cache, "m3net", 2, run, None, resume=True, device="cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match="architecture 'm3net' \\(given 'single-micro'\\)"):
+        train_run(tiny_cache, "single-micro", 0, run, None, resume=True, device="cpu", log=lambda _: None)

@@ -8,6 +8,16 @@ maximisation (:mod:`m3netcore.losses`), and fusion of the scales. The fusion her
 attention over the three scale tokens whose query comes from the macro token, the way a
 radiologist reads from the whole lung down to the nodule; its weights are the per-nodule
 "which scale mattered" explanation.
+
+What the attention weighs is each scale's own vote (a logit from that scale's token),
+and each vote is trained to predict the label from its scale alone
+(:func:`m3netcore.losses.scale_vote_loss`). An earlier form weighed value vectors and
+classified their mix: its weights could carry the label themselves (the macro query "routes"
+benign nodules to the meso token), and on generated data where only macro context decides
+it gave the useless meso view 0.49 of the attention. With anchored votes a view that
+cannot tell the classes apart votes near the prior, so the main loss falls only when the
+weight goes to the view that can: the weights name the deciding view
+(``Testing/core/test_mechanism.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +42,9 @@ class M3NetConfig:
         scale_names: the views in input order; the query scale must be among them.
         query_scale: the view whose token asks which scales matter (macro: context first).
         stem_width, widths, patch: each :class:`ScaleEncoder`'s shape.
-        token_dim: width of the scale tokens the fusion attends over.
+        token_dim: width of the scale tokens the fusion attends over (and votes from).
         projection_dim: width of the shared, L2-normalised latent space (InfoNCE).
-        dropout: before the classifier.
+        dropout: on the value vectors, before the votes.
     """
 
     scale_names: tuple[str, ...] = ("micro", "meso", "macro")
@@ -90,7 +100,7 @@ class M3Net(nn.Module):
         self.key = nn.Linear(cfg.token_dim, cfg.token_dim)
         self.value = nn.Linear(cfg.token_dim, cfg.token_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.token_dim, 1)
+        self.vote = nn.Linear(cfg.token_dim, 1)  # one scale's logit from its own value vector
         self._query_index = self.scale_names.index(cfg.query_scale)
 
     def cam_layers(self) -> dict[str, nn.Module]:
@@ -114,13 +124,13 @@ class M3Net(nn.Module):
         keys = self.key(tokens)  # (B, S, T)
         scores = torch.einsum("bst,bt->bs", keys, query) / math.sqrt(tokens.shape[-1])
         attention = scores.softmax(dim=1)
-        fused = torch.einsum("bs,bst->bt", attention, self.value(tokens))
-        logit = self.classifier(self.dropout(fused)).squeeze(-1)
+        votes = self.vote(self.dropout(self.value(tokens))).squeeze(-1)  # (B, S)
+        logit = (attention * votes).sum(dim=1)
         embeddings = torch.stack(
             [F.normalize(self.projections[name](features[:, i]), dim=-1) for i, name in enumerate(self.scale_names)],
             dim=1,
         )
-        return ModelOutput(logit=logit, scale_attention=attention, embeddings=embeddings)
+        return ModelOutput(logit=logit, scale_attention=attention, embeddings=embeddings, scale_logits=votes)
 
     def forward(self, crops: Sequence[Tensor]) -> ModelOutput:
         return self.forward_head(self.forward_features(crops))

@@ -25,6 +25,9 @@ class RunConfig:
         weight_decay: AdamW decoupled weight decay.
         mi_weight: lambda, weight of the cross-scale InfoNCE term (0 = the ablation).
         mi_temperature: InfoNCE softmax temperature.
+        vote_weight: weight of the per-scale vote loss for models that vote per scale (M3Net):
+            each scale's vote must predict the label from its own view, which is what makes
+            the scale attention name the deciding view (0 = without it).
         seed: seeds the network's initial weights, the inner validation split, the order of
             the nodules, augmentation and dropout.
         protocol: the label protocol (``m3netcore.data.labels``).
@@ -48,6 +51,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     mi_weight: float = 0.1
     mi_temperature: float = 0.1
+    vote_weight: float = 0.5
     seed: int = 0
     protocol: str = DEFAULT_PROTOCOL
     validation_folds: int = 5
@@ -67,7 +71,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        for name in ("weight_decay", "mi_weight", "max_rotation_deg", "max_shift_mm", "hu_noise_std"):
+        for name in ("weight_decay", "mi_weight", "vote_weight", "max_rotation_deg", "max_shift_mm", "hu_noise_std"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_scale_change < 1.0:

@@ -25,7 +25,7 @@ from m3netcore.train.loop import TrainConfig, evaluate_logits, fit_temperature, 
 
 DEMO_NAME = "demo"
 DEMO_FILE = "m3net-demo.safetensors"
-DEMO_VERSION = "0.1.0"
+DEMO_VERSION = "0.2.0"
 CLICK_JITTER_MM = 2.0
 # Voxel sizes (x, y, z) of common chest CT protocols: thin-slice, isotropic, thick-slice.
 SCANNER_SPACINGS_MM = ((0.7, 0.7, 1.25), (1.0, 1.0, 1.0), (0.8, 0.8, 2.0))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m3netcore.losses import cross_scale_infonce
+from m3netcore.losses import cross_scale_infonce, scale_vote_loss
 from m3netcore.train.metrics import roc_auc
 
 
@@ -26,6 +26,7 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     mi_weight: weight lambda of the cross-scale InfoNCE term (0 = the ablation).
     mi_temperature: InfoNCE softmax temperature.
+    vote_weight: weight of the per-scale vote loss (models that give ``scale_logits``).
     seed: seeds shuffling, augmentation and dropout (the network's initial weights come
         from whoever built it).
     """
@@ -37,6 +38,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     mi_weight: float = 0.1
     mi_temperature: float = 0.1
+    vote_weight: float = 0.5
     seed: int = 0
 
 
@@ -105,6 +107,8 @@ def train(
             if config.mi_weight > 0 and output.embeddings is not None:
                 mi = cross_scale_infonce(output.embeddings, config.mi_temperature)
             loss = bce + config.mi_weight * mi
+            if config.vote_weight > 0 and output.scale_logits is not None:
+                loss = loss + config.vote_weight * scale_vote_loss(output.scale_logits, target, positive_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -146,7 +150,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     optimiser.step(closure)
-    return float(log_temperature.detach().exp().clamp(0.05, 20.0))
+    fitted = float(log_temperature.detach().exp())
+    if not math.isfinite(fitted):
+        # LBFGS can run off to T -> 0 (separable validation logits) and come back NaN: scan instead.
+        grid = torch.logspace(math.log10(0.05), math.log10(20.0), 241, dtype=torch.float64)
+        losses = [float(F.binary_cross_entropy_with_logits(logit_tensor / t, target)) for t in grid]
+        fitted = float(grid[int(np.argmin(losses))])
+    return float(np.clip(fitted, 0.05, 20.0))
 
 
 def evaluate_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict:

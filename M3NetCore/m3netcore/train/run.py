@@ -80,6 +80,8 @@ def train_run(
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
     cache = open_cache(data)
+    if resume:
+        _check_same_run(out, model_name, fold, cache)
     split = split_cache(cache, config.protocol, fold, validation_folds=config.validation_folds, seed=config.seed)
     processes = distributed.start(resolve_device(device))
     try:
@@ -100,7 +102,8 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, co
     elif processes.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        write_text_atomic(out / "split.json", json.dumps(split.describe() | {"fold": fold}, indent=2) + "\n")
+        identity = {"fold": fold, "architecture": model_name, "data": str(Path(cache.path).resolve())}
+        write_text_atomic(out / "split.json", json.dumps(split.describe() | identity, indent=2) + "\n")
     counts = split.describe()
     say(
         f"{model_name} fold {fold} ({config.protocol}): train {counts['train']['nodules']} "
@@ -196,7 +199,8 @@ def model_card(summary: dict) -> str:
         f"threshold {summary['threshold']:.3f} (best balanced accuracy).",
         f"- Held-out fold {summary['fold']} ({split['test']['nodules']} nodules, never used for selection or "
         f"calibration): AUC {test_auc}.",
-        f"- Settings: lambda (InfoNCE) {config['mi_weight']}, batch {config['batch_size']}, AdamW lr "
+        f"- Settings: lambda (InfoNCE) {config['mi_weight']}, per-scale vote loss {config.get('vote_weight', 0)}, "
+        f"batch {config['batch_size']}, AdamW lr "
         f"{config['learning_rate']}, seed {config['seed']}; {summary['processes']} process(es); "
         f"torch {summary['torch']}.",
     ]
@@ -218,6 +222,19 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise M3NetInputError(f"{out} exists and is not an empty folder; use --resume or another --out")
     return config or RunConfig()
+
+
+def _check_same_run(out: Path, model_name: str, fold: int, cache: Cache) -> None:
+    """``--resume`` must name the run's own fold, model and data: another fold would train on the test fold."""
+    saved = out / "split.json"
+    if not saved.is_file():
+        raise M3NetInputError(f"--resume: {out} holds no run (no split.json)")
+    stored = json.loads(saved.read_text(encoding="utf-8"))
+    given = {"fold": fold, "architecture": model_name, "data": str(Path(cache.path).resolve())}
+    differ = [f"{key} {stored.get(key)!r} (given {value!r})" for key, value in given.items()
+              if stored.get(key) != value]  # fmt: skip
+    if differ:
+        raise M3NetInputError(f"--resume: {out} is another run: its {'; '.join(differ)}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

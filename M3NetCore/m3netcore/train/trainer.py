@@ -1,7 +1,9 @@
 """The epochs of one run: optimiser steps, validation, checkpoints and metrics, in one or many processes.
 
 Loss: binary cross-entropy with class balance by loss weight (each malignant nodule weighs
-benign count / malignant count of the training nodules) + lambda * cross-scale InfoNCE.
+benign count / malignant count of the training nodules) + lambda * cross-scale InfoNCE
++ ``vote_weight`` * the per-scale vote loss (models that vote per scale; it is counted in
+``train_loss`` but has no column of its own in ``metrics.csv``).
 AdamW with a linear warm-up and cosine decay to zero, stepped per optimiser step. After
 each epoch the main process scores the validation nodules (untransformed views), keeps the
 weights of the best validation AUC so far, and writes the checkpoint, ``metrics.csv`` and
@@ -26,6 +28,7 @@ from torch import nn
 from m3netcore.atomic import write_text_atomic
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.losses import scale_vote_loss
 from m3netcore.models.registry import build_model
 from m3netcore.train import distributed
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -160,6 +163,8 @@ class Trainer:
             if config.mi_weight > 0 and output.embeddings is not None:
                 mi = distributed.global_infonce(output.embeddings.float(), self.processes, config.mi_temperature)
             loss = bce + config.mi_weight * mi
+            if config.vote_weight > 0 and output.scale_logits is not None:
+                loss = loss + config.vote_weight * scale_vote_loss(output.scale_logits, target, self.positive_weight)
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             self.optimiser.step()
@@ -173,8 +178,9 @@ class Trainer:
                     f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} nodules/s"
                 )
         if self.processes.distributed:
-            torch.distributed.all_reduce(sums)
-            sums /= self.processes.world_size
+            reduced = sums.to(self.processes.device)  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(reduced)
+            sums = reduced.cpu() / self.processes.world_size
         return sums / len(batches)
 
     def _end_epoch(self, losses: torch.Tensor, seconds: float) -> None:

@@ -146,6 +146,21 @@ def _add_training_commands(commands) -> None:
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(run=_run_evaluate)
 
+    benchmark = commands.add_parser("benchmark", help="speed measurements (throughput)")
+    benchmark_commands = benchmark.add_subparsers(dest="benchmark_command", metavar="WHAT", required=True)
+    throughput = benchmark_commands.add_parser(
+        "throughput", help="training nodules per second of m3net and resnet18x3, measured in one run"
+    )
+    throughput.add_argument("--models", nargs="+", default=["m3net", "resnet18x3"], metavar="ARCH")
+    throughput.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    throughput.add_argument("--batch", type=int, default=32, help="m3net batch (default 32, the training default)")
+    throughput.add_argument("--resnet-batch", type=int, default=2, help="resnet18x3 batch (default 2 on a CPU)")
+    throughput.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    throughput.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    throughput.add_argument("--count", type=int, default=256, help="nodules of random cubes")
+    throughput.add_argument("--data", metavar="CACHE", help="use a cache's cubes instead of random ones")
+    throughput.set_defaults(run=_run_throughput)
+
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="settings, JSON or TOML (see m3netcore.train.config)")
@@ -396,6 +411,32 @@ def _unique(labels: list[str]) -> list[str]:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"m3net: warning: {message}", file=sys.stderr)
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.models import ARCHITECTURES
+    from m3netcore.predict import resolve_device
+    from m3netcore.train.throughput import measure, table
+
+    device = resolve_device(args.device)
+    for name in args.models:
+        if name not in ARCHITECTURES:
+            raise M3NetInputError(f"unknown model {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    for option in ("batch", "resnet_batch", "steps", "windows", "count"):
+        if getattr(args, option) < 1:
+            raise M3NetInputError(f"--{option.replace('_', '-')} must be at least 1")
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        batch = args.batch if name == "m3net" else args.resnet_batch
+        rows.append(measure(name, device, batch=batch, steps=args.steps, windows=args.windows, warmup=1,
+                            count=args.count, data=args.data))  # fmt: skip
+        print(f"{name}: {rows[-1]['nodules_per_s']:.1f} nodules/s", flush=True)
+    print(table(rows, device))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""Training throughput: nodules per second through augmentation, forward, backward and step.
+
+For each model, in one process: the cubes (a cache's, or random HU cubes of the shapes a
+cache would store for that model) are put on the device once; every step draws a batch,
+one random transform per nodule (3D rotation about a random axis, flips, zoom, shift; the
+same physical transform for all scales), cuts the model's views out of the cubes on the
+device (:func:`m3netcore.train.augment.resample_views`), adds HU noise, normalises, and
+runs forward, loss (BCE + InfoNCE + per-scale votes where the model has them), backward
+and an AdamW step; bf16 autocast on CUDA. Speed does not depend on the voxel values.
+Used by ``m3net benchmark throughput`` and ``benchmarks/gpu_throughput.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m3netcore.checkpoint import Model
+from m3netcore.data.cache import open_cache, pyramid_specs
+from m3netcore.errors import M3NetInputError
+from m3netcore.losses import cross_scale_infonce, scale_vote_loss
+from m3netcore.train.augment import normalise_hu_tensor, resample_views
+
+
+def random_transforms(batch: int, device: torch.device, *, max_rotation_deg: float = 25.0, max_zoom: float = 0.1,
+                      max_shift_mm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(B, 3, 3)`` matrices (rotation about a random axis @ flips * zoom) and ``(B, 3)`` shifts, on ``device``."""
+    axis = F.normalize(torch.randn(batch, 3, device=device), dim=1)
+    angle = (torch.rand(batch, device=device) * 2 - 1) * math.radians(max_rotation_deg)
+    x, y, z = axis.unbind(1)
+    zero = torch.zeros_like(x)
+    cross = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=1).view(batch, 3, 3)
+    eye = torch.eye(3, device=device).expand(batch, 3, 3)
+    rotation = eye + torch.sin(angle)[:, None, None] * cross + (1 - torch.cos(angle))[:, None, None] * cross @ cross
+    flips = torch.where(torch.rand(batch, 3, device=device) < 0.5, -1.0, 1.0)
+    zoom = 1 + (torch.rand(batch, device=device) * 2 - 1) * max_zoom
+    shifts = (torch.rand(batch, 3, device=device) * 2 - 1) * max_shift_mm
+    return rotation * flips[:, None, :] * zoom[:, None, None], shifts
+
+
+def measure(name: str, device: torch.device, *, batch: int, steps: int, windows: int = 3, warmup: int = 2,
+            count: int = 256, data: str | None = None) -> dict:  # fmt: skip
+    """Median nodules per second of training steps of architecture ``name`` on ``device``."""
+    model = Model.untrained(name)
+    network = model.network.to(device).train()
+    preprocessing = model.preprocessing
+    stored = pyramid_specs(preprocessing)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if data:
+        cache = open_cache(data)
+        stored_grids = {entry["name"]: tuple(entry["grid"]) for entry in cache.info["pyramid"]}
+        if any(stored_grids.get(spec.name) != tuple(spec.grid) for spec in stored):
+            raise M3NetInputError(f"the cache {data} does not hold the cubes {name} needs; leave --data out")
+        cubes = [torch.from_numpy(np.asarray(cache.pyramids[spec.name]))[:, None].to(device) for spec in stored]
+        source = "cache"
+    else:
+        generator = torch.Generator(device=device).manual_seed(0)
+        cubes = [
+            torch.randint(-1000, 400, (count, 1, *spec.tensor_shape), generator=generator, device=device,
+                          dtype=torch.int16)
+            for spec in stored
+        ]  # fmt: skip
+        source = "random HU"
+    total = cubes[0].shape[0]
+    optimiser = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cpu":
+        network.to(memory_format=torch.channels_last_3d)
+
+    def step() -> None:
+        index = torch.randint(total, (batch,), device=device)
+        matrices, shifts = random_transforms(batch, device)
+        hu = resample_views([c[index].float() for c in cubes], stored, preprocessing.scales, matrices, shifts)
+        views = [normalise_hu_tensor(v + 20.0 * torch.randn_like(v), preprocessing.hu_window) for v in hu]
+        if device.type == "cpu":
+            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
+        labels = (torch.rand(batch, device=device) < 0.3).float()
+        with autocast:
+            output = network(views)
+        loss = F.binary_cross_entropy_with_logits(output.logit.float(), labels)
+        if output.embeddings is not None:
+            loss = loss + 0.1 * cross_scale_infonce(output.embeddings.float())
+        if output.scale_logits is not None:
+            loss = loss + 0.5 * scale_vote_loss(output.scale_logits, labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(windows):
+        _wait(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _wait(device)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"model": name, "source": source, "nodules": total, "batch": batch,
+            "nodules_per_s": statistics.median(rates), "peak_gib": peak}  # fmt: skip
+
+
+def table(rows: list[dict], device: torch.device) -> str:
+    """The rows as a text table, a header line naming the device, and the ratio of the first two."""
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name()}, bf16 autocast"
+    else:
+        where = f"CPU, {torch.get_num_threads()} torch threads, float32"
+    lines = [f"# {where}, torch {torch.__version__}, augmentation on the device",
+             f"{'model':<12} {'cubes':<10} {'nodules':>8} {'batch':>6} {'nodules/s':>10} {'peak GiB':>9}"]  # fmt: skip
+    for row in rows:
+        lines.append(f"{row['model']:<12} {row['source']:<10} {row['nodules']:>8} {row['batch']:>6} "
+                     f"{row['nodules_per_s']:>10.1f} {row['peak_gib']:>9.2f}")  # fmt: skip
+    if len(rows) == 2:
+        ratio = rows[0]["nodules_per_s"] / rows[1]["nodules_per_s"]
+        lines.append(f"ratio {rows[0]['model']}/{rows[1]['model']} nodules/s: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,24 @@
+"""`m3net benchmark throughput`: one run measures every model; bad options are one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+from m3netcore.cli import main
+
+
+def test_throughput_measures_each_model_in_one_run(capsys):
+    argv = ["benchmark", "throughput", "--models", "m3net", "single-micro", "--batch", "4", "--resnet-batch", "2",
+            "--steps", "1", "--windows", "1", "--count", "8"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rates = dict(re.findall(r"^(m3net|single-micro)\s+random HU\s+8\s+\d+\s+([\d.]+)", out, re.M))
+    assert set(rates) == {"m3net", "single-micro"} and all(float(v) > 0 for v in rates.values())
+    assert "ratio m3net/single-micro nodules/s:" in out and "CPU" in out
+
+
+def test_throughput_refuses_unknown_models_and_empty_runs(capsys):
+    assert main(["benchmark", "throughput", "--models", "nonet"]) == 2
+    assert "unknown model 'nonet'" in capsys.readouterr().err
+    assert main(["benchmark", "throughput", "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err

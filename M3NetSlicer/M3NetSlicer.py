@@ -71,6 +71,7 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._output = None
+        self._observedNodules = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -91,11 +92,15 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
         self.ui.modelPathLineEdit.visible = False
+        # buttonsVisible=False in the .ui hides all of the place widget's buttons; keep the place button.
+        self.ui.placeNoduleWidget.placeButton().show()
+        self._observedNodules = None
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self._observedNodules = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -129,11 +134,37 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            # modelPath is kept by hand: the wrapper binds ctkPathLineEdit to pathlib.Path only.
+            modelPath = self._parameterNode.modelPath
+            wasBlocked = self.ui.modelSourceComboBox.blockSignals(True)
+            self.ui.modelSourceComboBox.currentIndex = 1 if modelPath else 0
+            self.ui.modelSourceComboBox.blockSignals(wasBlocked)
+            self.ui.modelPathLineEdit.visible = bool(modelPath)
+            if modelPath:
+                self.ui.modelPathLineEdit.currentPath = modelPath
             self._checkCanApply()
+
+    def _observePoints(self, pointsNode) -> None:
+        """Re-check Apply when points are placed or removed (the parameter node does not see that)."""
+        if pointsNode is self._observedNodules:
+            return
+        events = (
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+        )
+        if self._observedNodules is not None:
+            for event in events:
+                self.removeObserver(self._observedNodules, event, self._checkCanApply)
+        self._observedNodules = pointsNode
+        if pointsNode is not None:
+            for event in events:
+                self.addObserver(pointsNode, event, self._checkCanApply)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         node = self._parameterNode
-        ready = bool(node and node.inputVolume and node.nodules and node.nodules.GetNumberOfControlPoints() > 0)
+        self._observePoints(node.nodules if node else None)
+        ready = bool(node and node.inputVolume and node.nodules and node.nodules.GetNumberOfDefinedControlPoints() > 0)
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = (
             "Compute the malignancy probability, scale attention and heatmaps of every nodule point."
@@ -153,6 +184,8 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelCardBrowser.clear()
 
     def onModelPathChanged(self, path) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = path
         if path:
             self.showModelCard()
 
@@ -223,15 +256,18 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.core().show_nodule(
                 self._output,
                 self.ui.noduleComboBox.currentIndex,
-                opacity=self._parameterNode.opacity,
-                threshold=self._parameterNode.threshold,
+                opacity=self.ui.opacitySliderWidget.value,
+                threshold=self.ui.thresholdSliderWidget.value,
                 scale=self.ui.heatmapScaleComboBox.currentText,
             )
 
     def onDisplayChanged(self, _value=None) -> None:
+        # Read the sliders, not the parameter node: this slot may run before the node is updated.
         if self._output is not None:
             self.logic.core().set_heatmap_style(
-                self._output, opacity=self._parameterNode.opacity, threshold=self._parameterNode.threshold
+                self._output,
+                opacity=self.ui.opacitySliderWidget.value,
+                threshold=self.ui.thresholdSliderWidget.value,
             )
 
 

@@ -76,18 +76,31 @@ def volume_rendering_display(volume_rendering_logic, volume_node):
     """The volume's multi-volume rendering display node (made if missing).
 
     Multi-volume rendering composites the CT and heatmaps in one ray cast, so a heatmap
-    inside the body is hidden by tissue in front of it, as it should be.
+    inside the body is hidden by tissue in front of it, as it should be. A volume rendering
+    of another kind that the user had turned on is hidden (not removed): it would draw the
+    CT in a renderer of its own, through which the heatmap would show.
     """
+    others = []
     for index in range(volume_node.GetNumberOfDisplayNodes()):
         display = volume_node.GetNthDisplayNode(index)
         if display is not None and display.IsA("vtkMRMLMultiVolumeRenderingDisplayNode"):
             return display
-    previous = volume_rendering_logic.GetDefaultRenderingMethod()
-    volume_rendering_logic.SetDefaultRenderingMethod("vtkMRMLMultiVolumeRenderingDisplayNode")
-    try:
-        display = volume_rendering_logic.CreateDefaultVolumeRenderingNodes(volume_node)
-    finally:
-        volume_rendering_logic.SetDefaultRenderingMethod(previous)
+        if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+            others.append(display)
+    for display in others:
+        display.SetVisibility(False)
+    if not others:
+        previous = volume_rendering_logic.GetDefaultRenderingMethod()
+        volume_rendering_logic.SetDefaultRenderingMethod("vtkMRMLMultiVolumeRenderingDisplayNode")
+        try:
+            return volume_rendering_logic.CreateDefaultVolumeRenderingNodes(volume_node)
+        finally:
+            volume_rendering_logic.SetDefaultRenderingMethod(previous)
+    # CreateDefaultVolumeRenderingNodes would hand back the existing display: make one explicitly.
+    display = volume_rendering_logic.CreateVolumeRenderingDisplayNode("vtkMRMLMultiVolumeRenderingDisplayNode")
+    volume_node.GetScene().AddNode(display)
+    volume_rendering_logic.UpdateDisplayNodeFromVolumeNode(display, volume_node)
+    volume_node.AddAndObserveDisplayNodeID(display.GetID())
     return display
 
 

@@ -257,12 +257,13 @@ class M3NetLogic:
             composite.SetForegroundOpacity(float(opacity))
 
     def _render_3d(self, output: RunOutput, threshold: float) -> None:
+        volume = output.volume_node
         ct_had_rendering = any(
-            output.volume_node.GetNthDisplayNode(i) is not None
-            and output.volume_node.GetNthDisplayNode(i).IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
-            for i in range(output.volume_node.GetNumberOfDisplayNodes())
-        )
-        ct_display = display.volume_rendering_display(self.volume_rendering_logic, output.volume_node)
+            volume.GetNthDisplayNode(i) is not None
+            and volume.GetNthDisplayNode(i).IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
+            for i in range(volume.GetNumberOfDisplayNodes())
+        )  # keep the transfer functions of an earlier run (the user may have changed them)
+        ct_display = display.volume_rendering_display(self.volume_rendering_logic, volume)
         if not ct_had_rendering:
             display.set_ct_transfer_functions(ct_display.GetVolumePropertyNode())
         ct_display.SetVisibility(True)

@@ -234,3 +234,25 @@ def test_control_points_skip_unplaced_points_and_convert_to_lps(app):
     node.AddControlPoint(0.0, 0.0, 0.0, "b")
     node.SetNthControlPointPositionMissing(1)
     assert control_points(node) == [("a", (-10.0, -20.0, 30.0))]
+
+
+def test_3d_joins_a_users_own_volume_rendering_into_one_composite(app, small_chest, model):
+    """A CT already volume-rendered (GPU ray cast) gets a multi-volume rendering; the other is hidden."""
+    image, nodules = small_chest
+    volume = add_volume(app.scene, image)
+    vr = app.volume_rendering_logic
+    own = vr.CreateDefaultVolumeRenderingNodes(volume)
+    own.SetVisibility(True)
+    assert not own.IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
+    logic = M3NetLogic(app.scene, vr)
+    output = logic.run(volume, add_points(app.scene, nodules), model, device="cpu")
+    displays = [volume.GetNthDisplayNode(i) for i in range(volume.GetNumberOfDisplayNodes())]
+    multi = [d for d in displays if d.IsA("vtkMRMLMultiVolumeRenderingDisplayNode")]
+    assert len(multi) == 1 and multi[0].GetVisibility()
+    assert not own.GetVisibility()
+    heat = output.nodules[0].heatmap_nodes["combined"]
+    heat_displays = [heat.GetNthDisplayNode(i) for i in range(heat.GetNumberOfDisplayNodes())]
+    assert any(d.IsA("vtkMRMLMultiVolumeRenderingDisplayNode") and d.GetVisibility() for d in heat_displays)
+    logic.run(volume, add_points(app.scene, nodules, name="again"), model, device="cpu")
+    assert sum(volume.GetNthDisplayNode(i).IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
+               for i in range(volume.GetNumberOfDisplayNodes())) == 1  # fmt: skip

@@ -100,20 +100,43 @@ def test_the_module_has_the_template_shape():
     assert "tryWithErrorDisplay" in ast.unparse(apply)
 
 
+# What parameterNodeWrapper can bind (Slicer's guiConnectors.py): widget class -> field types.
+CONNECTORS = {
+    "qMRMLNodeComboBox": {"vtkMRMLScalarVolumeNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLTableNode"},
+    "QComboBox": {"str"},  # with Choice(...)
+    "QCheckBox": {"bool"},
+    "ctkSliderWidget": {"float"},
+    "ctkPathLineEdit": {"pathlib.Path", "Path"},  # not str: a str field cannot bind it
+}
+
+
+def field_type(annotation: ast.expr) -> str:
+    """``float`` for ``float`` and for ``Annotated[float, ...]``."""
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        return ast.unparse(annotation.slice.elts[0])
+    return ast.unparse(annotation)
+
+
 def test_ui_widgets_and_parameters_match_the_code():
     tree = ElementTree.parse(MODULE / "Resources" / "UI" / "M3NetSlicer.ui")
     widgets = {w.get("name") for w in tree.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "M3NetSlicer.py").read_text()))
     assert used <= widgets, f"used in code, missing in the .ui: {used - widgets}"
-    bound = set()
+    classes = {node.name: node for node in module_source().body if isinstance(node, ast.ClassDef)}
+    fields = {
+        stmt.target.id: field_type(stmt.annotation)
+        for stmt in classes["M3NetSlicerParameterNode"].body
+        if isinstance(stmt, ast.AnnAssign)
+    }
+    bound = {}
     for widget in tree.iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
-                bound.add(prop.find("string").text)
-    classes = {node.name: node for node in module_source().body if isinstance(node, ast.ClassDef)}
-    fields = {stmt.target.id for stmt in classes["M3NetSlicerParameterNode"].body if isinstance(stmt, ast.AnnAssign)}
-    assert bound <= fields, f"bound in the .ui but not parameters: {bound - fields}"
-    assert {"inputVolume", "nodules", "modelPath", "device", "opacity", "threshold", "perScale"} <= bound
+                bound[prop.find("string").text] = widget.get("class")
+    assert set(bound) <= set(fields), f"bound in the .ui but not parameters: {set(bound) - set(fields)}"
+    for name, widget_class in bound.items():
+        assert fields[name] in CONNECTORS[widget_class], f"{name}: {fields[name]} cannot bind a {widget_class}"
+    assert {"inputVolume", "nodules", "device", "opacity", "threshold", "perScale"} <= set(bound)
 
 
 def test_nothing_is_installed_or_imported_at_module_import():

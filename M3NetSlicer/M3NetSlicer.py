@@ -177,7 +177,7 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSourceChanged(self, index) -> None:
         fromFile = index == 1
         self.ui.modelPathLineEdit.visible = fromFile
-        if not fromFile:
+        if not fromFile and self._parameterNode:
             self._parameterNode.modelPath = ""
             self.showModelCard()
         else:
@@ -207,7 +207,7 @@ class M3NetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model = self.logic.loadModel(node.modelPath)
             if not self.ui.modelCardBrowser.toPlainText():
                 self.ui.modelCardBrowser.setMarkdown(model.card or f"**{model.name}** {model.version} (no model card)")
-            points = node.nodules.GetNumberOfControlPoints()
+            points = node.nodules.GetNumberOfDefinedControlPoints()
             progress = slicer.util.createProgressDialog(
                 parent=slicer.util.mainWindow(), labelText="M3Net", maximum=points, windowTitle="M3Net"
             )

@@ -160,6 +160,18 @@ def _add_training_commands(commands) -> None:
     throughput.add_argument("--count", type=int, default=256, help="nodules of random cubes")
     throughput.add_argument("--data", metavar="CACHE", help="use a cache's cubes instead of random ones")
     throughput.set_defaults(run=_run_throughput)
+    accuracy = benchmark_commands.add_parser(
+        "accuracy", help="one table: reference rows, single scales, resnet18x3, ablations and m3net, patient-level CV"
+    )
+    accuracy.add_argument("--data", required=True, metavar="CACHE")
+    accuracy.add_argument("--protocol", required=True, metavar="P", help="label protocol (see `m3net lidc stats`)")
+    accuracy.add_argument("--out", required=True, metavar="DIR", help="one cv folder per row, table.md, table.json")
+    accuracy.add_argument("--json", metavar="FILE", help="also write the rows as JSON here")
+    accuracy.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (names as in the table)")
+    accuracy.add_argument("--config", metavar="FILE", help="training settings of every network row (JSON or TOML)")
+    accuracy.add_argument("--epochs", type=int, metavar="N", help="epochs of every network row (over the config)")
+    accuracy.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    accuracy.set_defaults(run=_run_accuracy)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -436,6 +448,29 @@ def _run_throughput(args: argparse.Namespace) -> int:
                             count=args.count, data=args.data))  # fmt: skip
         print(f"{name}: {rows[-1]['nodules_per_s']:.1f} nodules/s", flush=True)
     print(table(rows, device))
+    return 0
+
+
+
+def _run_accuracy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from m3netcore.atomic import write_text_atomic
+    from m3netcore.data.labels import check_protocol
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.benchmark import accuracy_table, table_markdown
+    from m3netcore.train.config import RunConfig, read_config
+
+    try:
+        check_protocol(args.protocol)
+        config = (read_config(args.config) if args.config else RunConfig()).replace(epochs=args.epochs)
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
+    rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device)
+    document = json.loads((Path(args.out) / "table.json").read_text(encoding="utf-8"))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
+    print(table_markdown(document), end="")
     return 0
 
 

@@ -25,8 +25,13 @@ REFERENCE_MODELS = {
 }
 
 
-def reference_rows(rows: Sequence[dict], protocol: str, *, seed: int = 0) -> list[dict]:
-    """AUC and accuracy (with patient-bootstrap 95% CIs) of each reference model under ``protocol``."""
+def reference_rows(
+    rows: Sequence[dict], protocol: str, *, seed: int = 0, models: Sequence[str] | None = None
+) -> list[dict]:
+    """AUC and accuracy (with patient-bootstrap 95% CIs) of each reference model under ``protocol``.
+
+    ``models``: names from :data:`REFERENCE_MODELS` (default all).
+    """
     check_protocol(protocol)
     kept = [r for r in rows if r[f"label_{protocol}"] is not None]
     labels = np.asarray([r[f"label_{protocol}"] for r in kept], dtype=int)
@@ -36,6 +41,8 @@ def reference_rows(rows: Sequence[dict], protocol: str, *, seed: int = 0) -> lis
     patients = np.asarray([r["patient_id"] for r in kept])
     table = []
     for name, features in REFERENCE_MODELS.items():
+        if models is not None and name not in models:
+            continue
         scores = _out_of_fold_scores(kept, features, labels, folds)
         predictions = (scores >= 0.5).astype(int)
         auc, auc_ci = _with_interval(lambda idx, s=scores: roc_auc(s[idx], labels[idx]), patients, seed)
@@ -52,6 +59,8 @@ def reference_rows(rows: Sequence[dict], protocol: str, *, seed: int = 0) -> lis
                 "auc_ci": auc_ci,
                 "accuracy": accuracy,
                 "accuracy_ci": accuracy_ci,
+                "sensitivity": float(np.mean(predictions[labels == 1] == 1)),
+                "specificity": float(np.mean(predictions[labels == 0] == 0)),
             }
         )
     return table

@@ -83,6 +83,25 @@ for _scale in ("micro", "meso", "macro"):
             _single_scale(_scale),
         )
     )
+def _without(name: str) -> Callable[[], Preprocessing]:
+    def preprocessing() -> Preprocessing:
+        full = default_preprocessing()
+        return dataclasses.replace(full, scales=tuple(s for s in full.scales if s.name != name))
+
+    return preprocessing
+
+
+for _scale in ("micro", "meso", "macro"):
+    _kept = tuple(s for s in ("micro", "meso", "macro") if s != _scale)
+    _ENTRIES.append(
+        ArchitectureEntry(
+            f"m3net-no-{_scale}",
+            f"M3Net without the {_scale} view (ablation)",
+            M3Net,
+            M3NetConfig(scale_names=_kept, query_scale="macro" if "macro" in _kept else "meso"),
+            _without(_scale),
+        )
+    )
 ARCHITECTURES: dict[str, ArchitectureEntry] = {entry.name: entry for entry in _ENTRIES}
 
 

@@ -1,0 +1,171 @@
+"""The accuracy benchmark: one table, patient-level k-fold CV, every row beside the model.
+
+Rows: the reference rows (majority class, diameter-only and diameter + ratings logistic
+regressions, :mod:`m3netcore.data.baselines`), the single-scale networks, the authors'
+``resnet18x3`` shape, M3Net with lambda = 0, M3Net, and M3Net with each scale dropped.
+Every network row is ``m3net cv`` (:func:`m3netcore.train.cv.cross_validate`) into its own
+folder under ``out``; an interrupted benchmark continues where it stopped. Columns: AUC and
+accuracy with patient-bootstrap 95% CIs, sensitivity, specificity, parameters, GFLOPs per
+nodule and training time. A row that cannot run (no GPU for a 48-GFLOP model, a cache
+without the cubes it needs, no ratings in the cache) says why instead of a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3netcore.atomic import write_text_atomic
+from m3netcore.checkpoint import Model
+from m3netcore.data.baselines import REFERENCE_MODELS, reference_rows
+from m3netcore.data.cache import open_cache
+from m3netcore.errors import M3NetInputError
+from m3netcore.summary import model_summary
+from m3netcore.train.config import RunConfig
+from m3netcore.train.cv import cross_validate
+from m3netcore.train.dataset import ViewSource
+
+GPU_ONLY_GFLOPS = 10.0  # forward GFLOPs per nodule above which a row is not trained on a CPU
+
+
+@dataclass(frozen=True)
+class NetworkRow:
+    name: str
+    architecture: str
+    settings: dict = field(default_factory=dict)
+
+
+NETWORK_ROWS = (
+    NetworkRow("single-micro", "single-micro"),
+    NetworkRow("single-meso", "single-meso"),
+    NetworkRow("single-macro", "single-macro"),
+    NetworkRow("resnet18x3 (authors' shape)", "resnet18x3"),
+    NetworkRow("m3net, lambda=0", "m3net", {"mi_weight": 0.0}),
+    NetworkRow("m3net", "m3net"),
+    NetworkRow("m3net without micro", "m3net-no-micro"),
+    NetworkRow("m3net without meso", "m3net-no-meso"),
+    NetworkRow("m3net without macro", "m3net-no-macro"),
+)
+ROW_NAMES = (*REFERENCE_MODELS, *(row.name for row in NETWORK_ROWS))
+
+
+def accuracy_table(
+    data: str | os.PathLike,
+    protocol: str,
+    out: str | os.PathLike,
+    *,
+    rows: Sequence[str] | None = None,
+    config: RunConfig | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``."""
+    from m3netcore.predict import resolve_device
+
+    wanted = list(rows) if rows else list(ROW_NAMES)
+    unknown = [name for name in wanted if name not in ROW_NAMES]
+    if unknown:
+        raise M3NetInputError(f"unknown row(s) {unknown}; rows: {'; '.join(ROW_NAMES)}")
+    cache = open_cache(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = (config or RunConfig()).replace(protocol=protocol)
+    on_gpu = resolve_device(device).type == "cuda"
+    table = []
+    columns = set(cache.rows[0]) if cache.rows else set()
+    reference = {
+        name: {"name": name, "not_run": f"the cache has no column {', '.join(sorted(set(features) - columns))}"}
+        for name, features in REFERENCE_MODELS.items()
+        if not set(features) <= columns
+    }
+    runnable = [name for name in REFERENCE_MODELS if name in wanted and name not in reference]
+    if runnable:
+        reference |= {row["name"]: row for row in reference_rows(cache.rows, protocol, models=runnable)}
+    for name in wanted:
+        if name in REFERENCE_MODELS:
+            table.append(_reference_row(reference[name]))
+            continue
+        row = next(r for r in NETWORK_ROWS if r.name == name)
+        info = model_summary(Model.untrained(row.architecture))
+        entry = {"name": name, "architecture": row.architecture, "parameters": info["parameters"],
+                 "gflops": info["gflops"]}  # fmt: skip
+        reason = _cannot_run(row, cache, info["gflops"], on_gpu)
+        if reason:
+            log(f"{name}: not run: {reason}")
+            table.append(entry | {"not_run": reason})
+            continue
+        log(f"{name}: cross-validating {row.architecture}")
+        started = time.perf_counter()
+        summary = cross_validate(data, row.architecture, out / _slug(name), base.replace(**row.settings),
+                                 device=device, log=log)  # fmt: skip
+        metrics = summary["metrics"]
+        entry |= {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
+        seconds = round(time.perf_counter() - started, 1)
+        entry |= {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
+                  "nodules": metrics["nodules"], "training_seconds": seconds}  # fmt: skip
+        table.append(entry)
+    document = {"data": str(cache.path), "semi_synthetic": cache.semi_synthetic, "kind": cache.info.get("kind"),
+                "protocol": protocol, "config": base.to_dict(), "rows": table}  # fmt: skip
+    write_text_atomic(out / "table.json", json.dumps(document, indent=2) + "\n")
+    write_text_atomic(out / "table.md", table_markdown(document))
+    return table
+
+
+def table_markdown(document: dict) -> str:
+    """The rows as a markdown table, headed by what the data is and which protocol."""
+    kind = "SEMI-SYNTHETIC " if document["semi_synthetic"] else ""
+    lines = [
+        f"Accuracy benchmark, {kind}{document['kind']} cache `{document['data']}`, protocol {document['protocol']}, "
+        "patient-level folds, pooled out-of-fold predictions, 95% CIs by patient bootstrap.",
+        "",
+        "| row | AUC (95% CI) | accuracy (95% CI) | sensitivity | specificity | parameters | GFLOPs | training |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in document["rows"]:
+        if "not_run" in row:
+            cells = [f"not run: {row['not_run']}", "", "", ""]
+        else:
+            cells = [_with_ci(row["auc"], row["auc_ci"]), _with_ci(row["accuracy"], row["accuracy_ci"]),
+                     _number(row.get("sensitivity")), _number(row.get("specificity"))]  # fmt: skip
+        size = [f"{row['parameters']:,}" if "parameters" in row else "", _number(row.get("gflops"), 3)]
+        seconds = row.get("training_seconds")
+        time_cell = "" if seconds is None else f"{seconds:.0f} s"
+        lines.append("| " + " | ".join([row["name"], *cells, *size, time_cell]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cannot_run(row: NetworkRow, cache, gflops: float, on_gpu: bool) -> str | None:
+    if gflops > GPU_ONLY_GFLOPS and not on_gpu:
+        return f"needs GPU ({gflops:.1f} GFLOPs per nodule forward)"
+    import torch
+
+    preprocessing = Model.untrained(row.architecture).preprocessing
+    try:
+        ViewSource(cache, preprocessing, RunConfig(), torch.device("cpu"))
+    except M3NetInputError as err:
+        return f"the cache does not hold the cubes it needs ({err})"
+    return None
+
+
+def _reference_row(row: dict) -> dict:
+    if "not_run" in row:
+        return row
+    return {key: row[key] for key in ("name", "auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity",
+                                      "specificity", "nodules")}  # fmt: skip
+
+
+def _with_ci(value: float, ci: Sequence[float]) -> str:
+    return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if math.isfinite(value) else "n/a"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")

@@ -1,0 +1,49 @@
+"""`m3net benchmark accuracy`: reference rows, network rows by CV, rows that cannot run say why."""
+
+from __future__ import annotations
+
+import json
+
+from m3netcore.cli import main
+from m3netcore.models.registry import ARCHITECTURES
+from m3netcore.train.benchmark import NETWORK_ROWS
+
+
+def test_every_network_row_names_a_registered_architecture():
+    assert all(row.architecture in ARCHITECTURES for row in NETWORK_ROWS)
+    names = {row.architecture for row in NETWORK_ROWS}
+    assert {"m3net-no-micro", "m3net-no-meso", "m3net-no-macro", "resnet18x3", "single-micro"} <= names
+
+
+def test_table_has_reference_network_and_not_run_rows(two_fold_cache, tmp_path, capsys):
+    out = tmp_path / "bench"
+    (tmp_path / "quick.json").write_text(json.dumps({"batch_size": 8, "log_every": 100}))
+    rows = ["majority class", "diameter only (logistic regression)",
+            "diameter + readers' other ratings (logistic regression)", "m3net without micro",
+            "resnet18x3 (authors' shape)"]  # fmt: skip
+    argv = ["benchmark", "accuracy", "--data", str(two_fold_cache), "--protocol", "mean-excl3", "--out", str(out),
+            "--json", str(tmp_path / "rows.json"), "--config", str(tmp_path / "quick.json"), "--epochs", "1",
+            "--device", "cpu", "--rows", *rows]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = {row["name"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    assert list(table) == rows
+    majority = table["majority class"]
+    assert 0.0 <= majority["accuracy"] <= 1.0 and majority["auc_ci"][0] <= majority["auc"] <= majority["auc_ci"][1]
+    assert table["diameter only (logistic regression)"]["auc"] > 0.9  # the tiny cache's malignant nodules are larger
+    assert "no column" in table["diameter + readers' other ratings (logistic regression)"]["not_run"]
+    network = table["m3net without micro"]
+    assert network["nodules"] == majority["nodules"] and 0.0 <= network["sensitivity"] <= 1.0 and network["training_seconds"] > 0
+    assert network["parameters"] > 0 and network["gflops"] > 0
+    assert (out / "m3net-without-micro" / "oof.csv").is_file()
+    assert table["resnet18x3 (authors' shape)"]["not_run"].startswith("needs GPU")
+    assert "| majority class |" in printed and "not run: needs GPU" in printed
+    assert "SEMI-SYNTHETIC" in (out / "table.md").read_text()
+
+
+def test_unknown_rows_and_protocols_are_one_line_errors(two_fold_cache, tmp_path, capsys):
+    base = ["benchmark", "accuracy", "--data", str(two_fold_cache), "--out", str(tmp_path / "b")]
+    assert main([*base, "--protocol", "mean-excl3", "--rows", "nonsense"]) == 2
+    assert "unknown row(s) ['nonsense']" in capsys.readouterr().err
+    assert main([*base, "--protocol", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err

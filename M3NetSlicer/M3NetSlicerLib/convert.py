@@ -14,6 +14,7 @@ from vtk.util import numpy_support
 
 from m3netcore.errors import M3NetInputError
 from m3netcore.geometry import to_lps
+from m3netcore.io import check_image
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
@@ -50,16 +51,12 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     image_data = volume_node.GetImageData()
     if image_data is None or image_data.GetPointData().GetScalars() is None:
         raise M3NetInputError(f"volume {volume_node.GetName()!r} has no voxels")
-    if image_data.GetNumberOfScalarComponents() != 1:
-        raise M3NetInputError(
-            f"volume {volume_node.GetName()!r} has {image_data.GetNumberOfScalarComponents()} components "
-            "per voxel; a CT volume has one"
-        )
     dims = image_data.GetDimensions()
-    if min(dims) < 2:
-        raise M3NetInputError(f"volume {volume_node.GetName()!r} is not 3D (size {dims})")
-    voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1])
-    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
+    components = image_data.GetNumberOfScalarComponents()
+    voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
+    shape = dims[::-1] if components == 1 else (*dims[::-1], components)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.reshape(shape)), isVector=components > 1)
+    check_image(image, f"volume {volume_node.GetName()!r}")  # one 3D scalar volume, as the core requires
     origin, spacing, direction = _lps_geometry(world_ijk_to_ras(volume_node), volume_node.GetName())
     image.SetOrigin(origin)
     image.SetSpacing(spacing)

@@ -171,6 +171,8 @@ def _add_training_commands(commands) -> None:
     accuracy.add_argument("--config", metavar="FILE", help="training settings of every network row (JSON or TOML)")
     accuracy.add_argument("--epochs", type=int, metavar="N", help="epochs of every network row (over the config)")
     accuracy.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    accuracy.add_argument("--jobs", type=int, default=1, metavar="N",
+                          help="network rows trained at once, one process each (default 1; a GPU takes several)")
     accuracy.set_defaults(run=_run_accuracy)
 
 
@@ -466,7 +468,8 @@ def _run_accuracy(args: argparse.Namespace) -> int:
         config = (read_config(args.config) if args.config else RunConfig()).replace(epochs=args.epochs)
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
-    rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device)
+    rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device,
+                          jobs=args.jobs)
     document = json.loads((Path(args.out) / "table.json").read_text(encoding="utf-8"))
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")

@@ -6,17 +6,21 @@ regressions, :mod:`m3netcore.data.baselines`), the single-scale networks, the au
 Every network row is ``m3net cv`` (:func:`m3netcore.train.cv.cross_validate`) into its own
 folder under ``out``; an interrupted benchmark continues where it stopped. Columns: AUC and
 accuracy with patient-bootstrap 95% CIs, sensitivity, specificity, parameters, GFLOPs per
-nodule and training time. A row that cannot run (no GPU for a 48-GFLOP model, a cache
+nodule and training time. With ``jobs`` > 1 the network rows train that many at a time in
+worker processes (small models leave a GPU mostly idle; one process per row fills it). A row that cannot run (no GPU for a 48-GFLOP model, a cache
 without the cubes it needs, no ratings in the cache) says why instead of a number.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,21 +66,29 @@ def accuracy_table(
     rows: Sequence[str] | None = None,
     config: RunConfig | None = None,
     device: str = "auto",
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``."""
+    """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``.
+
+    ``jobs``: network rows cross-validated at once, each in its own process (1: one after
+    another in this process).
+    """
     from m3netcore.predict import resolve_device
 
     wanted = list(rows) if rows else list(ROW_NAMES)
     unknown = [name for name in wanted if name not in ROW_NAMES]
     if unknown:
         raise M3NetInputError(f"unknown row(s) {unknown}; rows: {'; '.join(ROW_NAMES)}")
+    if jobs < 1:
+        raise M3NetInputError(f"--jobs must be at least 1, got {jobs}")
     cache = open_cache(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = (config or RunConfig()).replace(protocol=protocol)
     on_gpu = resolve_device(device).type == "cuda"
-    table = []
+    table: list[dict] = []
+    planned: list[tuple[int, NetworkRow]] = []  # (place in the table, row) of the rows to train
     columns = set(cache.rows[0]) if cache.rows else set()
     reference = {
         name: {"name": name, "not_run": f"the cache has no column {', '.join(sorted(set(features) - columns))}"}
@@ -99,21 +111,62 @@ def accuracy_table(
             log(f"{name}: not run: {reason}")
             table.append(entry | {"not_run": reason})
             continue
-        log(f"{name}: cross-validating {row.architecture}")
-        started = time.perf_counter()
-        summary = cross_validate(data, row.architecture, out / _slug(name), base.replace(**row.settings),
-                                 device=device, log=log)  # fmt: skip
-        metrics = summary["metrics"]
-        entry |= {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
-        seconds = round(time.perf_counter() - started, 1)
-        entry |= {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
-                  "nodules": metrics["nodules"], "training_seconds": seconds}  # fmt: skip
+        planned.append((len(table), row))
         table.append(entry)
+    for position, result in _cross_validate_rows(planned, data, out, base, device, jobs, log):
+        table[position] |= result
     document = {"data": str(cache.path), "semi_synthetic": cache.semi_synthetic, "kind": cache.info.get("kind"),
-                "protocol": protocol, "config": base.to_dict(), "rows": table}  # fmt: skip
+                "protocol": protocol, "config": base.to_dict(), "jobs": jobs, "rows": table}  # fmt: skip
     write_text_atomic(out / "table.json", json.dumps(document, indent=2) + "\n")
     write_text_atomic(out / "table.md", table_markdown(document))
     return table
+
+
+def _cross_validate_rows(planned: list[tuple[int, NetworkRow]], data, out: Path, base: RunConfig, device: str,
+                         jobs: int, log: Callable[[str], None]) -> Iterator[tuple[int, dict]]:  # fmt: skip
+    """``(place, result)`` of each planned row, as they finish."""
+    if jobs == 1 or len(planned) <= 1:
+        for position, row in planned:
+            yield position, _cross_validate_row(data, row, out, base, device, log)
+        return
+    workers = min(jobs, len(planned))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # "spawn": CUDA cannot be used in a forked child, and forking torch's thread pools can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_row_worker, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(_cross_validate_row, data, row, out, base, device, functools.partial(_tagged, row.name)): place
+            for place, row in planned
+        }  # fmt: skip
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, device: str,
+                        log: Callable[[str], None]) -> dict:  # fmt: skip
+    """One network row: ``m3net cv`` into ``out/<row>``; its metrics and wall time."""
+    log(f"{row.name}: cross-validating {row.architecture}")
+    started = time.perf_counter()
+    summary = cross_validate(data, row.architecture, out / _slug(row.name), base.replace(**row.settings),
+                             device=device, log=log)  # fmt: skip
+    metrics = summary["metrics"]
+    result = {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
+    return result | {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
+                     "nodules": metrics["nodules"], "training_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def _start_row_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # the machine's cores shared by the rows that train at once
+
+
+def _tagged(name: str, line: str) -> None:
+    print(f"[{name}] {line}", flush=True)
 
 
 def table_markdown(document: dict) -> str:
@@ -121,7 +174,9 @@ def table_markdown(document: dict) -> str:
     kind = "SEMI-SYNTHETIC " if document["semi_synthetic"] else ""
     lines = [
         f"Accuracy benchmark, {kind}{document['kind']} cache `{document['data']}`, protocol {document['protocol']}, "
-        "patient-level folds, pooled out-of-fold predictions, 95% CIs by patient bootstrap.",
+        "patient-level folds, pooled out-of-fold predictions, 95% CIs by patient bootstrap."
+        + (f" Network rows trained {document['jobs']} at a time on one device; training times are wall times "
+           "under that sharing." if document.get("jobs", 1) > 1 else ""),
         "",
         "| row | AUC (95% CI) | accuracy (95% CI) | sensitivity | specificity | parameters | GFLOPs | training |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",

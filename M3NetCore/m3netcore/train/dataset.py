@@ -23,6 +23,7 @@ from m3netcore.data.folds import patient_folds
 from m3netcore.data.labels import check_protocol
 from m3netcore.errors import M3NetInputError
 from m3netcore.train.augment import (
+    NoiseBank,
     SpatialTransform,
     check_views_fit,
     draw_transform,
@@ -102,7 +103,9 @@ class ViewSource:
         cache: an opened cache.
         preprocessing: the model's input spec (its scales are looked up in the cache by name).
         config: the augmentation settings.
-        device: where the views are made (the cubes are read on the CPU).
+        device: where the views are made. On a GPU all the cubes the model needs are copied
+            there once (int16), so that a step moves no data; on the CPU they are read from the
+            memory-mapped cache batch by batch.
     """
 
     def __init__(self, cache: Cache, preprocessing: Preprocessing, config: RunConfig, device: torch.device) -> None:
@@ -123,6 +126,8 @@ class ViewSource:
         self.hu_window = preprocessing.hu_window
         self.config = config
         self.device = device
+        self._resident: list[Tensor] | None = None
+        self._noise = {spec.tensor_shape: None for spec in self.view_specs}
 
     def views(self, indices: Sequence[int], *, epoch: int | None = None) -> list[Tensor]:
         """Normalised views ``(B, 1, d, h, w)`` per scale; augmented when ``epoch`` is given.
@@ -133,7 +138,7 @@ class ViewSource:
         uninterrupted one would have drawn.
         """
         indices = [int(i) for i in indices]
-        cubes = [self._cubes(array, indices) for array in self.arrays]
+        cubes = self._cubes(indices)
         if epoch is None:
             transforms = [SpatialTransform.identity()] * len(indices)
             noise = None
@@ -143,17 +148,31 @@ class ViewSource:
         shifts = torch.as_tensor(np.stack([t.shift_mm for t in transforms]), dtype=torch.float32, device=self.device)
         views = resample_views(cubes, self.stored_specs, self.view_specs, matrices, shifts)
         if noise is not None:
-            for view, field in zip(views, noise, strict=True):
-                view.add_(field.to(self.device))
+            choices, std = noise
+            for k, (view, spec) in enumerate(zip(views, self.view_specs, strict=True)):
+                self._noise_bank(spec).add_to(view, choices[:, k], std)
         return [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
 
-    def _cubes(self, array: np.ndarray, indices: list[int]) -> Tensor:
-        stacked = torch.from_numpy(np.stack([array[i] for i in indices]))  # int16 HU: half the bytes to move
-        return stacked.to(self.device)[:, None].float()
+    def _cubes(self, indices: list[int]) -> list[Tensor]:
+        """Per scale, the nodules' stored cubes as float HU ``(B, 1, D, H, W)`` on the device."""
+        if self.device.type == "cuda":
+            if self._resident is None:
+                self._resident = [torch.from_numpy(np.asarray(a)).to(self.device) for a in self.arrays]
+            picked = torch.as_tensor(indices, device=self.device)
+            return [cubes[picked][:, None].float() for cubes in self._resident]
+        # int16 HU: half the bytes to move
+        return [torch.from_numpy(np.stack([a[i] for i in indices]))[:, None].float() for a in self.arrays]
 
-    def _draw(self, indices: list[int], epoch: int) -> tuple[list[SpatialTransform], list[Tensor] | None]:
+    def _noise_bank(self, spec) -> NoiseBank:
+        bank = self._noise[spec.tensor_shape]
+        if bank is None:
+            bank = self._noise[spec.tensor_shape] = NoiseBank(spec.tensor_shape, self.config.seed, self.device)
+        return bank
+
+    def _draw(self, indices: list[int], epoch: int) -> tuple[list[SpatialTransform], tuple[np.ndarray, list] | None]:
+        """Each nodule's transform and, unless noise is off, its noise choice per scale and its std."""
         c = self.config
-        transforms, noise = [], [[] for _ in self.view_specs]
+        transforms, choices, stds = [], [], []
         for index in indices:
             rng = np.random.default_rng([c.seed, epoch, index])
             transforms.append(
@@ -162,9 +181,9 @@ class ViewSource:
             )  # fmt: skip
             if c.hu_noise_std == 0:
                 continue
-            std = rng.uniform(0.0, c.hu_noise_std)
-            for per_scale, spec in zip(noise, self.view_specs, strict=True):
-                per_scale.append(rng.standard_normal(spec.tensor_shape, dtype=np.float32) * np.float32(std))
+            stds.append(rng.uniform(0.0, c.hu_noise_std))
+            # a draw per scale: noise shared by the views would let InfoNCE pair them by it
+            choices.append(np.stack([self._noise_bank(spec).draw(rng) for spec in self.view_specs]))
         if c.hu_noise_std == 0:
             return transforms, None
-        return transforms, [torch.from_numpy(np.stack(n))[:, None] for n in noise]
+        return transforms, (np.stack(choices), stds)

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dicom-root", required=True, metavar="DIR", help="folder with the DICOM series (TCIA layout or any)"
     )
     prepare.add_argument("--out", required=True, metavar="CACHE", help="cache folder to create (must not exist)")
+    prepare.add_argument("--model", default="m3net", metavar="ARCH", help=_CACHE_MODEL_HELP)
     prepare.set_defaults(run=_run_lidc_prepare)
     phantom = lidc_commands.add_parser(
         "phantom", parents=[database], help="the semi-synthetic LIDC-phantom training cache (no images needed)"
@@ -108,9 +109,38 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0, help="seed of the generated surroundings (default 0)")
     phantom.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: CPU count)")
     phantom.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N nodules (tests)")
+    phantom.add_argument("--model", default="m3net", metavar="ARCH", help=_CACHE_MODEL_HELP)
     phantom.set_defaults(run=_run_lidc_phantom)
     _add_training_commands(commands)
     return parser
+
+
+def _fold(text: str) -> int | None:
+    """``--fold``: a fold number, or ``all`` (``None``) for no held-out fold."""
+    if text.strip().lower() == "all":
+        return None
+    from m3netcore.errors import M3NetInputError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise M3NetInputError(f"--fold: a fold number or 'all', not {text!r}") from None
+
+
+_CACHE_MODEL_HELP = (
+    "store the cubes this architecture's views need (default m3net, whose cubes also serve the single-scale "
+    "and drop-one-scale models; resnet18x3 needs its own 1 mm cubes)"
+)
+
+
+def _cache_preprocessing(name: str):
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.models.registry import architecture
+
+    try:
+        return architecture(name).preprocessing()
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
 
 
 def _add_training_commands(commands) -> None:
@@ -119,7 +149,9 @@ def _add_training_commands(commands) -> None:
     )
     train.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
     train.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
-    train.add_argument("--fold", required=True, type=int, metavar="K", help="held-out test fold (never trained on)")
+    train.add_argument("--fold", required=True, metavar="K|all",
+                       help="held-out test fold (never trained on); `all`: train on every fold, hold none out "
+                            "(a model to ship; its held-out estimate is the recipe's `m3net cv`)")  # fmt: skip
     train.add_argument("--out", required=True, metavar="RUN", help="run folder (checkpoints, metrics, model)")
     _add_run_options(train)
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN")
@@ -168,6 +200,9 @@ def _add_training_commands(commands) -> None:
     accuracy.add_argument("--out", required=True, metavar="DIR", help="one cv folder per row, table.md, table.json")
     accuracy.add_argument("--json", metavar="FILE", help="also write the rows as JSON here")
     accuracy.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (names as in the table)")
+    accuracy.add_argument("--extra-data", nargs="+", default=(), metavar="CACHE",
+                          help="caches of the same nodules with other cubes (e.g. `m3net lidc phantom --model "
+                               "resnet18x3`), for the rows that --data cannot feed")  # fmt: skip
     accuracy.add_argument("--config", metavar="FILE", help="training settings of every network row (JSON or TOML)")
     accuracy.add_argument("--epochs", type=int, metavar="N", help="epochs of every network row (over the config)")
     accuracy.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -209,7 +244,7 @@ def _run_train(args: argparse.Namespace) -> int:
         from m3netcore.train.config import RunConfig
 
         config = RunConfig()
-    train_run(args.data, args.model, args.fold, args.out, config, resume=args.resume,
+    train_run(args.data, args.model, _fold(args.fold), args.out, config, resume=args.resume,
               stop_after_epoch=args.stop_after_epoch, device=args.device)  # fmt: skip
     return 0
 
@@ -351,7 +386,8 @@ def _run_lidc_baselines(args: argparse.Namespace) -> int:
 def _run_lidc_prepare(args: argparse.Namespace) -> int:
     from m3netcore.data.prepare import prepare_lidc_cache
 
-    prepare_lidc_cache(args.dicom_root, args.out, database=args.database)
+    prepare_lidc_cache(args.dicom_root, args.out, database=args.database,
+                       preprocessing=_cache_preprocessing(args.model))
     return 0
 
 
@@ -361,7 +397,9 @@ def _run_lidc_phantom(args: argparse.Namespace) -> int:
 
     if (args.workers is not None and args.workers < 1) or (args.limit is not None and args.limit < 1):
         raise M3NetInputError("--workers and --limit must be positive")
-    build_phantom_cache(args.out, seed=args.seed, database=args.database, limit=args.limit, workers=args.workers)
+    preprocessing = _cache_preprocessing(args.model)
+    build_phantom_cache(args.out, seed=args.seed, database=args.database, limit=args.limit, workers=args.workers,
+                        preprocessing=preprocessing)  # fmt: skip
     return 0
 
 
@@ -469,7 +507,7 @@ def _run_accuracy(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
     rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device,
-                          jobs=args.jobs)
+                          jobs=args.jobs, extra_data=args.extra_data)
     document = json.loads((Path(args.out) / "table.json").read_text(encoding="utf-8"))
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")

@@ -103,3 +103,25 @@ def test_cache_from_the_real_database(tmp_path, monkeypatch, lidc_cache_dir, lid
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
     with pytest.raises(Exception, match="already exists"):
         build_phantom_cache(out, limit=1, log=lambda _: None)
+
+
+def test_a_cache_for_another_architectures_views(tmp_path, monkeypatch, lidc_cache_dir, lidc_table, capsys):
+    import torch
+
+    from m3netcore.cli import main
+    from m3netcore.models.registry import architecture
+    from m3netcore.train.config import RunConfig
+    from m3netcore.train.dataset import ViewSource
+
+    monkeypatch.setenv("M3NET_CACHE_DIR", str(lidc_cache_dir))
+    out = tmp_path / "resnet-phantom"
+    assert main(["lidc", "phantom", "--model", "resnet18x3", "--limit", "2", "--workers", "1", "--out", str(out)]) == 0
+    cache = open_cache(out)
+    resnet = architecture("resnet18x3").preprocessing()
+    for spec in pyramid_specs(resnet):  # 1 mm cubes, 1.5 x the authors' 32/64/96 x 56 mm views
+        assert cache.pyramids[spec.name].shape == (2, *spec.tensor_shape), spec.name
+    ViewSource(cache, resnet, RunConfig(), torch.device("cpu"))  # the model can train on it
+    with pytest.raises(Exception, match="micro"):
+        ViewSource(cache, PREPROCESSING, RunConfig(), torch.device("cpu"))  # M3Net's views cannot
+    assert main(["lidc", "phantom", "--model", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert "nonsense" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -12,7 +12,8 @@ from m3netcore.data.cache import CacheWriter
 TINY_COUNT = 60
 
 
-def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0, folds: int = 5) -> Path:
+def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0, folds: int = 5,
+                     preprocessing=None) -> Path:  # fmt: skip
     """``count`` generated nodules in lung, two per patient, ``folds`` patient-level folds.
 
     Malignant nodules (odd indices) are larger (about 7 mm radius against 3 mm) and sit
@@ -21,7 +22,8 @@ def write_tiny_cache(path: Path, count: int = TINY_COUNT, *, seed: int = 0, fold
     """
     rng = np.random.default_rng(seed)
     description = "generated test nodules"
-    with CacheWriter(path, count, kind="tiny-test", semi_synthetic=True, description=description) as writer:
+    with CacheWriter(path, count, kind="tiny-test", semi_synthetic=True, description=description,
+                     preprocessing=preprocessing) as writer:  # fmt: skip
         distances = {}
         for spec in writer.specs:
             axes = [(np.arange(n) - (n - 1) / 2) * s

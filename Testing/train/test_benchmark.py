@@ -72,3 +72,33 @@ def test_rows_trained_in_parallel_processes_match_rows_trained_one_after_another
         assert max(abs(x["probability"] - y["probability"]) for x, y in zip(a, b, strict=True)) < 1e-3
     assert json.loads((tmp_path / "parallel" / "table.json").read_text())["jobs"] == 2
     assert "2 at a time" in (tmp_path / "parallel" / "table.md").read_text()
+
+
+def test_rows_that_the_main_cache_cannot_feed_train_on_an_extra_cache(tmp_path):
+    import dataclasses
+
+    import pytest
+    from .conftest import write_tiny_cache
+
+    from m3netcore.crops import default_preprocessing
+    from m3netcore.errors import M3NetInputError
+    from m3netcore.train.benchmark import accuracy_table
+    from m3netcore.train.config import RunConfig
+
+    full = default_preprocessing()
+    micro_only = write_tiny_cache(tmp_path / "micro", 40, seed=1, folds=2,
+                                  preprocessing=dataclasses.replace(full, scales=(full.scale("micro"),)))  # fmt: skip
+    extra = write_tiny_cache(tmp_path / "all", 40, seed=1, folds=2)
+    config = RunConfig(batch_size=8, epochs=1, log_every=100)
+    rows = ["single-micro", "single-macro"]
+    alone = accuracy_table(micro_only, "mean-excl3", tmp_path / "alone", rows=rows, config=config, device="cpu",
+                           log=lambda _: None)  # fmt: skip
+    assert "not_run" not in alone[0]
+    assert "no cache holds the cubes" in alone[1]["not_run"] and "--model single-macro" in alone[1]["not_run"]
+    table = accuracy_table(micro_only, "mean-excl3", tmp_path / "both", rows=rows, config=config, device="cpu",
+                           extra_data=[extra], log=lambda _: None)  # fmt: skip
+    assert "data" not in table[0] and table[1]["data"] == str(extra) and table[1]["nodules"] == table[0]["nodules"]
+    other_folds = write_tiny_cache(tmp_path / "other", 40, seed=1, folds=5)
+    with pytest.raises(M3NetInputError, match="same nodules"):
+        accuracy_table(micro_only, "mean-excl3", tmp_path / "bad", rows=rows, config=config, device="cpu",
+                       extra_data=[other_folds], log=lambda _: None)  # fmt: skip

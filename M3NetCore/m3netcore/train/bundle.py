@@ -21,15 +21,27 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 def bundle_run(
-    run: str | os.PathLike, name: str, version: str, *, note: str = "", weights: str | os.PathLike = WEIGHTS
-) -> dict:
-    """Write ``RUN/model.safetensors`` as ``weights/m3net-<name>.safetensors`` and register it as ``name``."""
+    run: str | os.PathLike, name: str, version: str, *, note: str = "", report: str | os.PathLike | None = None,
+    weights: str | os.PathLike = WEIGHTS,
+) -> dict:  # fmt: skip
+    """Write ``RUN/model.safetensors`` as ``weights/m3net-<name>.safetensors`` and register it as ``name``.
+
+    ``report``: a markdown file appended to the card, e.g. the ``summary.md`` of the recipe's
+    ``m3net cv`` for a model trained on all folds (its held-out estimate).
+    """
     source = Path(run) / "model.safetensors"
     if not source.is_file():
         raise M3NetInputError(f"{run} holds no finished run (no model.safetensors)")
+    appendix = ""
+    if report is not None:
+        if not Path(report).is_file():
+            raise M3NetInputError(f"no report file {report}")
+        lines = Path(report).read_text(encoding="utf-8").splitlines()
+        # one heading level down: the report is a section of the card
+        appendix = "\n" + "\n".join("#" + line if line.startswith("#") else line for line in lines) + "\n"
     model = read_model_file(source)
     card = f"# Bundled model `{name}` {version}\n\n{note.strip()}\n\n" if note.strip() else ""
-    model = replace(model, name=f"m3net-{name}", version=version, card=card + model.card)
+    model = replace(model, name=f"m3net-{name}", version=version, card=card + model.card + appendix)
     weights = Path(weights)
     target = weights / f"m3net-{name}.safetensors"
     digest = save_model(model, target)
@@ -46,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="registry name, e.g. lidc-phantom")
     parser.add_argument("--version", required=True)
     parser.add_argument("--note", default="", help="a paragraph put at the top of the model card")
+    parser.add_argument("--report", metavar="FILE", help="markdown appended to the card (e.g. the cv summary.md)")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(bundle_run(args.run, args.name, args.version, note=args.note), indent=2))
+        print(json.dumps(bundle_run(args.run, args.name, args.version, note=args.note, report=args.report), indent=2))
     except M3NetInputError as err:
         parser.exit(2, f"bundle: error: {err}\n")
     return 0

@@ -1,6 +1,7 @@
 """Which cached nodules a run trains, validates and tests on, and the views it feeds the network.
 
-Splits are by patient throughout. For held-out fold ``K`` of the cache's stored folds:
+Splits are by patient throughout. For held-out fold ``K`` of the cache's stored folds
+(``None``: no held-out fold, every fold trains and validates; for a model to ship):
 
 - test: the nodules of fold ``K``; never seen while training, selecting or calibrating;
 - validation: inner fold 0 of a stratified, patient-level split of the other folds'
@@ -60,7 +61,7 @@ def cache_folds(cache: Cache) -> list[int]:
     return [int(f) for f in folds]
 
 
-def split_cache(cache: Cache, protocol: str, fold: int, *, validation_folds: int = 5, seed: int = 0) -> Split:
+def split_cache(cache: Cache, protocol: str, fold: int | None, *, validation_folds: int = 5, seed: int = 0) -> Split:
     """Train / validation / test indices for held-out ``fold`` under ``protocol`` (see module docstring).
 
     Raises:
@@ -72,13 +73,13 @@ def split_cache(cache: Cache, protocol: str, fold: int, *, validation_folds: int
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
     folds = cache_folds(cache)
-    if fold not in folds:
+    if fold is not None and fold not in folds:
         raise M3NetInputError(f"--fold {fold} out of range: {cache.path} has folds {folds[0]}..{folds[-1]}")
     column = f"label_{protocol}"
     labelled = [(i, row) for i, row in enumerate(cache.rows) if row.get(column) is not None]
     labels = {i: int(row[column]) for i, row in labelled}
-    test = np.asarray([i for i, row in labelled if row["fold"] == fold], dtype=np.int64)
-    rest = [(i, row) for i, row in labelled if row["fold"] != fold]
+    test = np.asarray([i for i, row in labelled if fold is not None and row["fold"] == fold], dtype=np.int64)
+    rest = [(i, row) for i, row in labelled if fold is None or row["fold"] != fold]
     rest_labels = [labels[i] for i, _ in rest]
     if len(set(rest_labels)) < 2:
         raise M3NetInputError(f"protocol {protocol}: the training folds hold only one class")
@@ -157,7 +158,8 @@ class ViewSource:
         """Per scale, the nodules' stored cubes as float HU ``(B, 1, D, H, W)`` on the device."""
         if self.device.type == "cuda":
             if self._resident is None:
-                self._resident = [torch.from_numpy(np.asarray(a)).to(self.device) for a in self.arrays]
+                # np.array: a writable copy of the read-only memory map, as torch.from_numpy wants
+                self._resident = [torch.from_numpy(np.array(a)).to(self.device) for a in self.arrays]
             picked = torch.as_tensor(indices, device=self.device)
             return [cubes[picked][:, None].float() for cubes in self._resident]
         # int16 HU: half the bytes to move

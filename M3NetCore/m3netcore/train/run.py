@@ -1,4 +1,4 @@
-"""``m3net train``: one model on the training folds of a cache, held-out fold ``K`` untouched.
+"""``m3net train``: one model on the training folds of a cache, held-out fold ``K`` untouched (or ``all`` folds).
 
 A run folder holds::
 
@@ -46,7 +46,7 @@ MODEL_FILE = "model.safetensors"
 def train_run(
     data: str | os.PathLike,
     model_name: str,
-    fold: int,
+    fold: int | None,
     out: str | os.PathLike,
     config: RunConfig | None = None,
     *,
@@ -60,7 +60,7 @@ def train_run(
     Args:
         data: a cache folder (:mod:`m3netcore.data.cache`).
         model_name: a registered architecture.
-        fold: the held-out test fold.
+        fold: the held-out test fold; ``None`` holds none out (every fold trains and validates).
         out: the run folder (created; must not hold another run unless ``resume``).
         config: settings (defaults when ``None``); a resumed run keeps its own.
         resume: continue the interrupted run in ``out`` from its last checkpoint.
@@ -90,7 +90,7 @@ def train_run(
         distributed.stop(processes)
 
 
-def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, config: RunConfig,
+def _train(cache: Cache, split: Split, model_name: str, fold: int | None, out: Path, config: RunConfig,
            processes: distributed.Processes, resume: bool, stop_after_epoch: int | None,
            log: Callable[[str], None]) -> dict:  # fmt: skip
     say = log if processes.main else (lambda _: None)
@@ -106,7 +106,7 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, co
         write_text_atomic(out / "split.json", json.dumps(split.describe() | identity, indent=2) + "\n")
     counts = split.describe()
     say(
-        f"{model_name} fold {fold} ({config.protocol}): train {counts['train']['nodules']} "
+        f"{model_name} {_fold_name(fold)} ({config.protocol}): train {counts['train']['nodules']} "
         f"({counts['train']['malignant']} malignant), validation {counts['validation']['nodules']}, "
         f"test {counts['test']['nodules']} held out; {trainer.steps_per_epoch} steps/epoch x {config.epochs} "
         f"epochs, {processes.world_size} process(es) on {processes.device}"
@@ -119,7 +119,7 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int, out: Path, co
     return _finish(cache, split, model_name, fold, out, config, trainer, say)
 
 
-def _finish(cache: Cache, split: Split, model_name: str, fold: int, out: Path, config: RunConfig,
+def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: Path, config: RunConfig,
             trainer: Trainer, say: Callable[[str], None]) -> dict:  # fmt: skip
     """Select the best epoch, calibrate on validation, predict the held-out fold, write the model."""
     network, source, best, history = trainer.network, trainer.source, trainer.best, trainer.history
@@ -153,14 +153,17 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int, out: Path, c
     plain.load_state_dict(best["network"])
     model = Model(
         network=plain, architecture=model_name, preprocessing=architecture(model_name).preprocessing(),
-        temperature=temperature, threshold=threshold, name=f"{model_name}-fold{fold}", version="0",
+        temperature=temperature, threshold=threshold, name=f"{model_name}-{_fold_name(fold).replace(' ', '')}",
+        version="0",
         card=model_card(summary), metadata={"training": summary},
     )  # fmt: skip
     save_model(model, out / MODEL_FILE)
     say(
         f"best epoch {best['epoch']} (validation AUC {best['val_auc']:.3f}); temperature {temperature:.3f}, "
-        f"threshold {threshold:.3f}; held-out fold {fold} AUC "
-        f"{'n/a' if test_auc is None else f'{test_auc:.3f}'}; wrote {out / MODEL_FILE}"
+        f"threshold {threshold:.3f}; "
+        + ("no held-out fold" if fold is None else f"held-out fold {fold} AUC "
+           f"{'n/a' if test_auc is None else f'{test_auc:.3f}'}")
+        + f"; wrote {out / MODEL_FILE}"
     )
     return summary
 
@@ -183,13 +186,21 @@ def model_card(summary: dict) -> str:
     split, config = summary["split"], summary["config"]
     data = f"SEMI-SYNTHETIC ({summary['data_kind']}): not CT of patients. " if summary["semi_synthetic"] else ""
     test_auc = "n/a (one class)" if summary["test_auc"] is None else f"{summary['test_auc']:.3f}"
+    fold = summary["fold"]
+    if fold is None:
+        held_out = ("- No held-out fold: every fold trained or validated this model. Its held-out estimate is the "
+                    "cross-validation (`m3net cv`) of the same settings.")  # fmt: skip
+    else:
+        held_out = (f"- Held-out fold {fold} ({split['test']['nodules']} nodules, never used for selection or "
+                    f"calibration): AUC {test_auc}.")  # fmt: skip
     lines = [
-        f"# {summary['architecture']} fold {summary['fold']}",
+        f"# {summary['architecture']} {_fold_name(fold)}",
         "",
         "NOT FOR CLINICAL USE. Research model trained with `m3net train`.",
         "",
         f"- Data: {data}{summary['data_kind']} cache `{summary['data']}`: {summary['data_description']}",
-        f"- Label protocol: {summary['protocol']}. Held-out test fold: {summary['fold']} (patient-level folds).",
+        f"- Label protocol: {summary['protocol']}. Held-out test fold: "
+        f"{'none' if fold is None else fold} (patient-level folds).",
         f"- Training: {split['train']['nodules']} nodules ({split['train']['malignant']} malignant); "
         f"validation, an inner patient-level split of the training folds: {split['validation']['nodules']} "
         f"({split['validation']['malignant']} malignant).",
@@ -197,8 +208,7 @@ def model_card(summary: dict) -> str:
         f"validation AUC {summary['validation_auc']:.3f}.",
         f"- Calibration on validation: temperature {summary['temperature']:.3f}; "
         f"threshold {summary['threshold']:.3f} (best balanced accuracy).",
-        f"- Held-out fold {summary['fold']} ({split['test']['nodules']} nodules, never used for selection or "
-        f"calibration): AUC {test_auc}.",
+        held_out,
         f"- Settings: lambda (InfoNCE) {config['mi_weight']}, per-scale vote loss {config.get('vote_weight', 0)}, "
         f"batch {config['batch_size']}, AdamW lr "
         f"{config['learning_rate']}, seed {config['seed']}; {summary['processes']} process(es); "
@@ -224,7 +234,11 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
     return config or RunConfig()
 
 
-def _check_same_run(out: Path, model_name: str, fold: int, cache: Cache) -> None:
+def _fold_name(fold: int | None) -> str:
+    return "all folds" if fold is None else f"fold {fold}"
+
+
+def _check_same_run(out: Path, model_name: str, fold: int | None, cache: Cache) -> None:
     """``--resume`` must name the run's own fold, model and data: another fold would train on the test fold."""
     saved = out / "split.json"
     if not saved.is_file():

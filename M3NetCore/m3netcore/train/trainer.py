@@ -174,7 +174,7 @@ class Trainer:
             # summed where they are: reading a GPU number each step would stall the GPU's queue
             sums += torch.stack([loss.detach(), bce.detach(), mi.detach()]).double()
             if (step + 1) % config.log_every == 0:
-                values = [float(v) for v in (loss, bce, mi)]
+                values = [float(v.detach()) for v in (loss, bce, mi)]
                 rate = (step + 1) * config.batch_size / (time.perf_counter() - started)
                 self.say(
                     f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{len(batches)} loss {values[0]:.4f} "

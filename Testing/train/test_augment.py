@@ -100,3 +100,20 @@ def test_augmentation_depends_on_seed_epoch_and_nodule_only(tiny_cache):
     assert not torch.allclose(alone[0], untransformed[0])
     for view in alone:
         assert 0.0 <= float(view.min()) and float(view.max()) <= 1.0
+
+
+def test_hu_noise_is_independent_between_the_scales_and_scaled_per_nodule(tiny_cache):
+    still = RunConfig(max_rotation_deg=0.0, flip=False, max_scale_change=0.0, max_shift_mm=0.0, hu_noise_std=20.0)
+    source = ViewSource(open_cache(tiny_cache), default_preprocessing(), still, torch.device("cpu"))
+    indices = [1, 2, 3, 4]
+    noisy, clean = source.views(indices, epoch=0), source.views(indices)
+    low, high = default_preprocessing().hu_window
+    residuals = [((a - b) * (high - low)).double() for a, b in zip(noisy, clean, strict=True)]
+    inside = [(b > 0.05) & (b < 0.95) for b in clean]  # away from the window's clipping
+    for k in range(len(indices)):
+        per_scale = [r[k][m[k]] for r, m in zip(residuals, inside, strict=True)]
+        stds = [float(r.std()) for r in per_scale]
+        assert 0.0 < min(stds) and max(stds) < 20.0 * 1.1  # N(0, std^2), std drawn from [0, 20] HU
+        assert max(stds) / min(stds) < 1.1  # one std per nodule, for all its scales
+        a, b = (residuals[0][k].flatten(), residuals[2][k].flatten())
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.05  # micro and macro noise unrelated

@@ -149,10 +149,12 @@ class NoiseBank:
     of them at a random offset, scaled by the nodule's standard deviation. A window of white
     Gaussian noise is white Gaussian noise, so each view still gets independent
     N(0, std^2) voxels; windows of different views may overlap, which augmentation does not mind.
+    ``stream`` separates the banks of different scales, so that one nodule's views never share noise.
     """
 
-    def __init__(self, shape: tuple[int, int, int], seed: int, device: torch.device, fields: int = 8) -> None:
-        rng = np.random.default_rng([seed, 0x401_5E, *shape])
+    def __init__(self, shape: tuple[int, int, int], seed: int, device: torch.device, *, stream: int = 0,
+                 fields: int = 8) -> None:  # fmt: skip
+        rng = np.random.default_rng([seed, 0x401_5E, stream, *shape])
         self.shape = shape
         self.room = tuple(n // 2 + 1 for n in shape)  # offsets 0 .. n // 2 along each axis
         bank = (fields, *(n + r - 1 for n, r in zip(shape, self.room, strict=True)))

@@ -128,7 +128,7 @@ class ViewSource:
         self.config = config
         self.device = device
         self._resident: list[Tensor] | None = None
-        self._noise = {spec.tensor_shape: None for spec in self.view_specs}
+        self._noise: dict[str, NoiseBank] = {}
 
     def views(self, indices: Sequence[int], *, epoch: int | None = None) -> list[Tensor]:
         """Normalised views ``(B, 1, d, h, w)`` per scale; augmented when ``epoch`` is given.
@@ -165,11 +165,12 @@ class ViewSource:
         # int16 HU: half the bytes to move
         return [torch.from_numpy(np.stack([a[i] for i in indices]))[:, None].float() for a in self.arrays]
 
-    def _noise_bank(self, spec) -> NoiseBank:
-        bank = self._noise[spec.tensor_shape]
-        if bank is None:
-            bank = self._noise[spec.tensor_shape] = NoiseBank(spec.tensor_shape, self.config.seed, self.device)
-        return bank
+    def _noise_bank(self, spec: ScaleSpec) -> NoiseBank:
+        """The scale's own noise fields (shared fields would correlate the views' noise)."""
+        if spec.name not in self._noise:
+            stream = [s.name for s in self.view_specs].index(spec.name)
+            self._noise[spec.name] = NoiseBank(spec.tensor_shape, self.config.seed, self.device, stream=stream)
+        return self._noise[spec.name]
 
     def _draw(self, indices: list[int], epoch: int) -> tuple[list[SpatialTransform], tuple[np.ndarray, list] | None]:
         """Each nodule's transform and, unless noise is off, its noise choice per scale and its std."""
@@ -184,7 +185,8 @@ class ViewSource:
             if c.hu_noise_std == 0:
                 continue
             stds.append(rng.uniform(0.0, c.hu_noise_std))
-            # a draw per scale: noise shared by the views would let InfoNCE pair them by it
+            # a draw per scale, from the scale's own fields: noise shared by the views would let
+            # InfoNCE pair them by it
             choices.append(np.stack([self._noise_bank(spec).draw(rng) for spec in self.view_specs]))
         if c.hu_noise_std == 0:
             return transforms, None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import m3netcore
+from m3netcore.data.manifest import read_rows_csv
 from m3netcore.models import build_model
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint
 from m3netcore.train.config import RunConfig
@@ -20,12 +21,15 @@ from m3netcore.train.run import train_run
 # Dropout off: each process draws its own dropout masks, which one process cannot reproduce.
 # Everything else (batch-norm statistics, InfoNCE negatives, gradient averaging) is global.
 CONFIG = RunConfig(epochs=1, batch_size=8, seed=1, log_every=100, model_config={"dropout": 0.0})
-# Tolerance: the two runs differ only by floating-point summation order. Over 4 AdamW steps
-# (one epoch of the tiny cache) that stays below 0.1% of the distance the weights travel from
-# their initial values (L2, all weights together; measured about 2e-4 after 8 steps). Adam's
-# per-weight normalisation amplifies rounding in weights whose gradient is ~0 (the attention
-# key bias cannot change the softmax), so there is no per-weight bound.
-RELATIVE_TOLERANCE = 1e-3
+# Tolerances: the two runs differ only by floating-point summation order. What the network
+# computes stays the same: the held-out logits agree within 1e-3 of their spread (measured
+# 2e-4 after one epoch, 4 AdamW steps). The weights drift further apart in the directions the
+# loss does not see: Adam's per-weight normalisation amplifies rounding in weights whose
+# gradient is ~0 (an encoder the tiny task hardly uses, the attention key bias), so the L2
+# distance between the runs' weights, relative to the distance they travelled from their
+# initial values, is only bounded by 1e-2 (measured 3e-4 and 3e-3 with two noise draws).
+LOGIT_TOLERANCE = 1e-3
+WEIGHT_TOLERANCE = 1e-2
 
 
 @pytest.mark.distributed
@@ -65,4 +69,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_cache, 
             difference += float(((two["network"][key] - weight) ** 2).sum())
             travelled += float(((weight - initial[key]) ** 2).sum())
     assert travelled > 0
-    assert (difference / travelled) ** 0.5 < RELATIVE_TOLERANCE
+    assert (difference / travelled) ** 0.5 < WEIGHT_TOLERANCE
+
+    def held_out_logits(run: Path) -> torch.Tensor:
+        return torch.tensor([row["logit"] for row in read_rows_csv(run / "test_predictions.csv")])
+
+    two_logits, one_logits = held_out_logits(tmp_path / "two"), held_out_logits(tmp_path / "one")
+    assert len(one_logits) > 5 and float(one_logits.std()) > 0
+    assert float((two_logits - one_logits).abs().max()) < LOGIT_TOLERANCE * float(one_logits.std())

@@ -75,6 +75,9 @@ def test_run_writes_metrics_plot_and_a_loadable_model_with_its_card(tiny_cache, 
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0.0 <= float(r["val_auc"]) <= 1.0 and float(r["nodules_per_s"]) > 0 for r in rows)
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    for r in rows:  # the total is its parts: BCE + lambda InfoNCE + vote weight x per-scale votes
+        parts = float(r["bce_loss"]) + QUICK.mi_weight * float(r["mi_loss"]) + QUICK.vote_weight * float(r["vote_loss"])
+        assert float(r["vote_loss"]) > 0 and float(r["train_loss"]) == pytest.approx(parts, rel=1e-6)
     assert (run / "curves.png").stat().st_size > 5000
     model = load_model(run / "model.safetensors")
     assert model.architecture == "m3net"

@@ -19,8 +19,9 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     epochs = [row["epoch"] for row in history]
     figure, (losses, auc, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, label in (("train_loss", "train (total)"), ("bce_loss", "train BCE"), ("mi_loss", "train InfoNCE"),
-                       ("val_loss", "validation BCE")):  # fmt: skip
-        losses.plot(epochs, [row[key] for row in history], marker=".", label=label)
+                       ("vote_loss", "train per-scale votes"), ("val_loss", "validation BCE")):  # fmt: skip
+        if all(key in row for row in history):  # runs from before the vote column have none
+            losses.plot(epochs, [row[key] for row in history], marker=".", label=label)
     losses.set(xlabel="epoch", ylabel="loss", title="losses")
     losses.legend(fontsize=8)
     auc.plot(epochs, [row["val_auc"] for row in history], marker=".", color="tab:green")

@@ -2,8 +2,7 @@
 
 Loss: binary cross-entropy with class balance by loss weight (each malignant nodule weighs
 benign count / malignant count of the training nodules) + lambda * cross-scale InfoNCE
-+ ``vote_weight`` * the per-scale vote loss (models that vote per scale; it is counted in
-``train_loss`` but has no column of its own in ``metrics.csv``).
++ ``vote_weight`` * the per-scale vote loss (models that vote per scale; 0 for the others).
 AdamW with a linear warm-up and cosine decay to zero, stepped per optimiser step. After
 each epoch the main process scores the validation nodules (untransformed views), keeps the
 weights of the best validation AUC so far, and writes the checkpoint, ``metrics.csv`` and
@@ -36,7 +35,7 @@ from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
 
-METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "val_auc", "val_loss", "lr", "seconds", "nodules_per_s")
+METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds", "nodules_per_s")
 
 
 class Trainer:
@@ -139,7 +138,7 @@ class Trainer:
         return [order[s * size : (s + 1) * size][rank * local : (rank + 1) * local] for s in steps]
 
     def _train_epoch(self, epoch: int, prefetch: ThreadPoolExecutor) -> torch.Tensor:
-        """One pass; returns the mean (total, BCE, InfoNCE) losses over the steps and processes.
+        """One pass; returns the mean (total, BCE, InfoNCE, vote) losses over the steps and processes.
 
         The next batch's views are made in a thread while the network trains on this one
         (views depend only on the nodules and the epoch, so this changes no number).
@@ -149,7 +148,7 @@ class Trainer:
         self.model.train()
         batches = self._batches(epoch)
         started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         upcoming = prefetch.submit(self.source.views, batches[0], epoch=epoch)
         for step, indices in enumerate(batches):
             views = upcoming.result()
@@ -164,15 +163,16 @@ class Trainer:
             mi = torch.zeros((), device=device)
             if config.mi_weight > 0 and output.embeddings is not None:
                 mi = distributed.global_infonce(output.embeddings.float(), self.processes, config.mi_temperature)
-            loss = bce + config.mi_weight * mi
+            vote = torch.zeros((), device=device)
             if config.vote_weight > 0 and output.scale_logits is not None:
-                loss = loss + config.vote_weight * scale_vote_loss(output.scale_logits, target, self.positive_weight)
+                vote = scale_vote_loss(output.scale_logits, target, self.positive_weight)
+            loss = bce + config.mi_weight * mi + config.vote_weight * vote
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             self.optimiser.step()
             self.scheduler.step()
             # summed where they are: reading a GPU number each step would stall the GPU's queue
-            sums += torch.stack([loss.detach(), bce.detach(), mi.detach()]).double()
+            sums += torch.stack([loss.detach(), bce.detach(), mi.detach(), vote.detach()]).double()
             if (step + 1) % config.log_every == 0:
                 values = [float(v.detach()) for v in (loss, bce, mi)]
                 rate = (step + 1) * config.batch_size / (time.perf_counter() - started)
@@ -200,7 +200,7 @@ class Trainer:
             )
             row = {
                 "epoch": epoch, "train_loss": float(losses[0]), "bce_loss": float(losses[1]),
-                "mi_loss": float(losses[2]), "val_auc": roc_auc(logits, labels), "val_loss": float(validation_loss),
+                "mi_loss": float(losses[2]), "vote_loss": float(losses[3]), "val_auc": roc_auc(logits, labels), "val_loss": float(validation_loss),
                 "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
                 "nodules_per_s": round(self.steps_per_epoch * config.batch_size / seconds, 1),
             }  # fmt: skip
@@ -216,8 +216,8 @@ class Trainer:
             _plot(self.history, self.out)
             self.say(
                 f"epoch {epoch}/{config.epochs}: loss {row['train_loss']:.4f} (bce {row['bce_loss']:.4f}, "
-                f"mi {row['mi_loss']:.4f}), validation AUC {row['val_auc']:.3f} loss {row['val_loss']:.4f}, "
-                f"{seconds:.1f} s, {row['nodules_per_s']:.0f} nodules/s"
+                f"mi {row['mi_loss']:.4f}, votes {row['vote_loss']:.4f}), validation AUC {row['val_auc']:.3f} "
+                f"loss {row['val_loss']:.4f}, {seconds:.1f} s, {row['nodules_per_s']:.0f} nodules/s"
             )
         if self.processes.distributed:
             torch.distributed.barrier()

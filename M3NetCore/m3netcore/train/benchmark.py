@@ -7,8 +7,9 @@ Every network row is ``m3net cv`` (:func:`m3netcore.train.cv.cross_validate`) in
 folder under ``out``; an interrupted benchmark continues where it stopped. Columns: AUC and
 accuracy with patient-bootstrap 95% CIs, sensitivity, specificity, parameters, GFLOPs per
 nodule and training time. With ``jobs`` > 1 the network rows train that many at a time in
-worker processes (small models leave a GPU mostly idle; one process per row fills it). A row that cannot run (no GPU for a 48-GFLOP model, a cache
-without the cubes it needs, no ratings in the cache) says why instead of a number.
+worker processes (small models leave a GPU mostly idle; one process per row fills it). A
+row that cannot run (no GPU for a 48-GFLOP model, no cache with the cubes it needs, no
+ratings in the cache) says why instead of a number.
 """
 
 from __future__ import annotations
@@ -162,9 +163,10 @@ def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, devic
     summary = cross_validate(data, row.architecture, out / _slug(row.name), base.replace(**row.settings),
                              device=device, log=log)  # fmt: skip
     metrics = summary["metrics"]
+    seconds = round(time.perf_counter() - started, 1)
     result = {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
     return result | {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
-                     "nodules": metrics["nodules"], "training_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+                     "nodules": metrics["nodules"], "training_seconds": seconds}  # fmt: skip
 
 
 def _start_row_worker(threads: int) -> None:

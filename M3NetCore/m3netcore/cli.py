@@ -245,7 +245,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
         config = RunConfig()
     train_run(args.data, args.model, _fold(args.fold), args.out, config, resume=args.resume,
-              stop_after_epoch=args.stop_after_epoch, device=args.device)  # fmt: skip
+              stop_after_epoch=args.stop_after_epoch, device=args.device, progress=True)  # fmt: skip
     return 0
 
 
@@ -406,7 +406,7 @@ def _run_lidc_phantom(args: argparse.Namespace) -> int:
 def _run_cv(args: argparse.Namespace) -> int:
     from m3netcore.train.cv import cross_validate
 
-    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device)
+    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, progress=True)
     return 0
 
 

@@ -37,9 +37,13 @@ def cross_validate(
     config: RunConfig | None = None,
     *,
     device: str = "auto",
+    progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run every fold of the cache into ``out/fold-K``, then pool; returns the summary."""
+    """Run every fold of the cache into ``out/fold-K``, then pool; returns the summary.
+
+    ``progress``: a progress bar on stderr while training, if stderr is a terminal.
+    """
     from m3netcore.models.registry import architecture
 
     out = Path(out)
@@ -59,7 +63,8 @@ def cross_validate(
         else:
             resume = (run / CHECKPOINT_FILE).is_file()
             log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
-            train_run(data, model_name, fold, run, None if resume else config, resume=resume, device=device, log=log)
+            train_run(data, model_name, fold, run, None if resume else config, resume=resume, device=device,
+                      progress=progress, log=log)  # fmt: skip
         if os.environ.get("RANK", "0") != "0":
             continue  # under torchrun only rank 0 has the files, and only it pools them
         fold_rows.append(read_rows_csv(run / "test_predictions.csv"))

@@ -38,6 +38,7 @@ from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource, split_cache
 from m3netcore.train.loop import fit_temperature
 from m3netcore.train.metrics import roc_auc
+from m3netcore.train.progress import ProgressBar
 from m3netcore.train.trainer import Trainer, predict_logits
 
 MODEL_FILE = "model.safetensors"
@@ -53,6 +54,7 @@ def train_run(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     device: str = "auto",
+    progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train, select, calibrate and write ``out/model.safetensors``; returns a summary.
@@ -67,6 +69,8 @@ def train_run(
         stop_after_epoch: stop after this epoch as if interrupted (checkpoint kept, no
             model file); ``resume`` continues. For time-sliced jobs and the resume test.
         device: "auto", "cpu" or "cuda".
+        progress: draw a progress bar on stderr while training, if stderr is a terminal
+            (instead of the periodic progress lines; the main process only).
 
     Raises:
         M3NetInputError: bad cache, model name, fold, protocol or run folder.
@@ -85,17 +89,19 @@ def train_run(
     split = split_cache(cache, config.protocol, fold, validation_folds=config.validation_folds, seed=config.seed)
     processes = distributed.start(resolve_device(device))
     try:
-        return _train(cache, split, model_name, fold, out, config, processes, resume, stop_after_epoch, log)
+        return _train(cache, split, model_name, fold, out, config, processes, resume, stop_after_epoch, progress,
+                      log)  # fmt: skip
     finally:
         distributed.stop(processes)
 
 
 def _train(cache: Cache, split: Split, model_name: str, fold: int | None, out: Path, config: RunConfig,
-           processes: distributed.Processes, resume: bool, stop_after_epoch: int | None,
+           processes: distributed.Processes, resume: bool, stop_after_epoch: int | None, progress: bool,
            log: Callable[[str], None]) -> dict:  # fmt: skip
     say = log if processes.main else (lambda _: None)
     source = ViewSource(cache, architecture(model_name).preprocessing(), config, processes.device)
-    trainer = Trainer(model_name, split, source, config, processes, out, say)
+    trainer = Trainer(model_name, split, source, config, processes, out, say,
+                      ProgressBar(enabled=None if progress and processes.main else False))  # fmt: skip
     if resume:
         trainer.resume()
         say(f"resumed {out} after epoch {trainer.epochs_done}/{config.epochs}")

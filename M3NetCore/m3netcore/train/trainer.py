@@ -34,6 +34,7 @@ from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, rng_
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
+from m3netcore.train.progress import ProgressBar
 
 METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds",
                   "nodules_per_s")  # fmt: skip
@@ -50,10 +51,12 @@ class Trainer:
         processes: this process's rank, world size and device.
         out: the run folder (written by the main process only).
         say: progress lines (silent in the other processes).
+        progress: the progress bar; while it draws, the periodic step lines are left out.
     """
 
     def __init__(self, model_name: str, split: Split, source: ViewSource, config: RunConfig,
-                 processes: distributed.Processes, out: Path, say: Callable[[str], None]) -> None:  # fmt: skip
+                 processes: distributed.Processes, out: Path, say: Callable[[str], None],
+                 progress: ProgressBar | None = None) -> None:  # fmt: skip
         if config.batch_size % processes.world_size:
             raise M3NetInputError(
                 f"batch_size {config.batch_size} does not split evenly over {processes.world_size} processes"
@@ -69,6 +72,7 @@ class Trainer:
         self.processes = processes
         self.out = out
         self.say = say
+        self.progress = progress or ProgressBar(enabled=False)
         device = processes.device
         torch.manual_seed(config.seed)  # the same initial weights in every process
         try:
@@ -174,13 +178,16 @@ class Trainer:
             self.scheduler.step()
             # summed where they are: reading a GPU number each step would stall the GPU's queue
             sums += torch.stack([loss.detach(), bce.detach(), mi.detach(), vote.detach()]).double()
-            if (step + 1) % config.log_every == 0:
-                values = [float(v.detach()) for v in (loss, bce, mi)]
+            bar = self.progress
+            if bar.due(step + 1, len(batches)) or (not bar.enabled and (step + 1) % config.log_every == 0):
                 rate = (step + 1) * config.batch_size / (time.perf_counter() - started)
-                self.say(
-                    f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{len(batches)} loss {values[0]:.4f} "
-                    f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} nodules/s"
-                )
+                status = (f"loss {float(loss.detach()):.4f} lr {self.scheduler.get_last_lr()[0]:.2e} "
+                          f"{rate:.0f} nodules/s")  # fmt: skip
+                if bar.enabled:
+                    bar.update(f"epoch {epoch + 1}/{config.epochs}", step + 1, len(batches), status)
+                else:
+                    self.say(f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{len(batches)} {status}")
+        self.progress.clear()  # the epoch's summary line takes its place
         if self.processes.distributed:
             torch.distributed.all_reduce(sums)  # on the process's device, as NCCL needs
             sums = sums / self.processes.world_size

@@ -162,3 +162,20 @@ def test_all_folds_trains_on_every_fold_and_holds_none_out(tiny_cache, tmp_path)
     model = load_model(run / "model.safetensors")
     assert model.name == "m3net-allfolds" and "Held-out test fold: none" in model.card
     assert "No held-out fold" in model.card and model.metadata["training"]["fold"] is None
+
+
+def test_a_run_checkpointed_before_the_vote_loss_column_resumes(tiny_cache, tmp_path):
+    from m3netcore.train.checkpointing import save_checkpoint
+
+    run = tmp_path / "old"
+    config = QUICK.replace(epochs=2)
+    train_run(tiny_cache, "m3net", 0, run, config, stop_after_epoch=1, device="cpu", log=lambda _: None)
+    state = load_checkpoint(run / CHECKPOINT_FILE)
+    for row in state["history"]:
+        del row["vote_loss"]  # as the trainer wrote it before the column existed
+    save_checkpoint(run / CHECKPOINT_FILE, state)
+    train_run(tiny_cache, "m3net", 0, run, None, resume=True, device="cpu", log=lambda _: None)
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == METRIC_COLUMNS and [r["vote_loss"] == "" for r in rows] == [True, False]
+    assert (run / "model.safetensors").is_file() and (run / "curves.png").is_file()

@@ -20,7 +20,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     figure, (losses, auc, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, label in (("train_loss", "train (total)"), ("bce_loss", "train BCE"), ("mi_loss", "train InfoNCE"),
                        ("vote_loss", "train per-scale votes"), ("val_loss", "validation BCE")):  # fmt: skip
-        if all(key in row for row in history):  # runs from before the vote column have none
+        if all(row.get(key) is not None for row in history):  # runs begun before the vote column lack it
             losses.plot(epochs, [row[key] for row in history], marker=".", label=label)
     losses.set(xlabel="epoch", ylabel="loss", title="losses")
     losses.legend(fontsize=8)

@@ -118,7 +118,9 @@ class Trainer:
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][self.processes.rank])
-        self.epochs_done, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.epochs_done, self.best = state["epoch"], state["best"]
+        # a run begun before a column existed (vote_loss) resumes with that cell empty
+        self.history = [{key: row.get(key) for key in METRIC_COLUMNS} for row in state["history"]]
 
     def train(self, stop_after_epoch: int | None = None) -> bool:
         """Train the remaining epochs; ``False`` if stopped early (as asked) before the last one."""

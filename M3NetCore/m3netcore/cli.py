@@ -160,11 +160,15 @@ def _add_training_commands(commands) -> None:
     )
     train.set_defaults(run=_run_train)
 
-    cv = commands.add_parser("cv", help="train every fold in turn and pool the out-of-fold predictions")
+    cv = commands.add_parser("cv", help="train every fold and pool the out-of-fold predictions")
     cv.add_argument("--data", required=True, metavar="CACHE", help="cache from `m3net lidc prepare` or `phantom`")
     cv.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
     cv.add_argument("--out", required=True, metavar="DIR", help="folder for fold-K runs, oof.csv and summary")
     _add_run_options(cv)
+    cv.add_argument("--devices", metavar="LIST|all",
+                    help="train folds side by side, one worker process per device: e.g. cuda:0,cuda:1, or all "
+                         "(every visible GPU); cpu,cpu splits the cores (default: one fold after another "
+                         "on --device)")  # fmt: skip
     cv.set_defaults(run=_run_cv)
 
     evaluate = commands.add_parser(
@@ -404,9 +408,17 @@ def _run_lidc_phantom(args: argparse.Namespace) -> int:
 
 
 def _run_cv(args: argparse.Namespace) -> int:
+    from m3netcore.errors import M3NetInputError
     from m3netcore.train.cv import cross_validate
+    from m3netcore.train.workers import parse_devices
 
-    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, progress=True)
+    devices = []
+    if args.devices is not None:
+        if args.device != "auto":
+            raise M3NetInputError("give --device (one device) or --devices (several), not both")
+        devices = parse_devices(args.devices)
+    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, devices=devices,
+                   progress=True)  # fmt: skip
     return 0
 
 

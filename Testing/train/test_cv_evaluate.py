@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from m3netcore.cli import main
 from m3netcore.data.cache import open_cache
@@ -117,3 +118,42 @@ def test_evaluate_cli_on_a_model_file_defaults_to_its_held_out_fold(cv_folder, t
     assert "on fold 0" in printed and "balanced_accuracy" in printed and "95% CI" in printed
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["fold"] == 0 and report["metrics"]["nodules"] == 20
+
+
+def test_cv_spread_over_two_worker_processes_matches_one_after_another(cv_folder, two_fold_cache, tmp_path, capfd):
+    config = tmp_path / "quick.json"
+    config.write_text(json.dumps(QUICK.to_dict()))
+    out = tmp_path / "side-by-side"
+    argv = ["cv", "--data", str(two_fold_cache), "--out", str(out), "--config", str(config), "--devices", "cpu,cpu"]
+    assert main(argv) == 0
+    printed = capfd.readouterr().out
+    assert "[fold 0]" in printed and "[fold 1]" in printed  # each worker's lines, tagged
+    serial = _rows(cv_folder / "oof.csv")
+    parallel = _rows(out / "oof.csv")
+    assert [r["nodule_id"] for r in parallel] == [r["nodule_id"] for r in serial]
+    # the same training in another process with one torch thread instead of two: only float rounding differs
+    gaps = [abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(serial, parallel, strict=True)]
+    assert max(gaps) < 1e-3
+    assert json.loads((out / "summary.json").read_text())["metrics"]["nodules"] == 40
+
+
+_NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPUs")
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [pytest.param("cuda:0", "no CUDA GPU", marks=_NEEDS_NO_GPU),
+     pytest.param("all", "no CUDA GPU", marks=_NEEDS_NO_GPU), ("cpu,gpu", "device must be"),
+     (",", "comma-separated"), ("auto,cpu", "'auto' is not one")],
+)  # fmt: skip
+def test_cv_refuses_devices_it_cannot_use(two_fold_cache, tmp_path, capsys, devices, message):
+    assert main(["cv", "--data", str(two_fold_cache), "--out", str(tmp_path / "cv"), "--devices", devices]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("m3net: error:") and message in error and "\n" not in error
+    assert not (tmp_path / "cv").exists()
+
+
+def test_cv_takes_device_or_devices_not_both(two_fold_cache, tmp_path, capsys):
+    argv = ["cv", "--data", str(two_fold_cache), "--out", str(tmp_path / "cv"), "--device", "cpu"]
+    assert main([*argv, "--devices", "cpu,cpu"]) == 2
+    assert "not both" in capsys.readouterr().err

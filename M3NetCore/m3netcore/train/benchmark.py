@@ -17,11 +17,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from m3netcore.summary import model_summary
 from m3netcore.train.config import RunConfig
 from m3netcore.train.cv import cross_validate
 from m3netcore.train.dataset import ViewSource
+from m3netcore.train.workers import DevicePool, tagged_print
 
 GPU_ONLY_GFLOPS = 10.0  # forward GFLOPs per nodule above which a row is not trained on a CPU
 
@@ -136,27 +135,18 @@ def _cross_validate_rows(planned: list[tuple[int, NetworkRow, Path]], out: Path,
     """``(place, result)`` of each planned row, as they finish."""
     if jobs == 1 or len(planned) <= 1:
         for position, row, data in planned:
-            yield position, _cross_validate_row(data, row, out, base, device, log)
+            yield position, _cross_validate_row(data, row, out, base, log, device=device)
         return
-    workers = min(jobs, len(planned))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    # "spawn": CUDA cannot be used in a forked child, and forking torch's thread pools can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_row_worker, initargs=(threads,)) as pool:
+    with DevicePool([device] * min(jobs, len(planned))) as pool:
         futures = {
-            pool.submit(_cross_validate_row, data, row, out, base, device, functools.partial(_tagged, row.name)): place
+            pool.submit(_cross_validate_row, data, row, out, base, functools.partial(tagged_print, row.name)): place
             for place, row, data in planned
         }  # fmt: skip
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        yield from pool.as_finished(futures)
 
 
-def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, device: str,
-                        log: Callable[[str], None]) -> dict:  # fmt: skip
+def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, log: Callable[[str], None], *,
+                        device: str) -> dict:  # fmt: skip
     """One network row: ``m3net cv`` into ``out/<row>``; its metrics and wall time."""
     log(f"{row.name}: cross-validating {row.architecture}")
     started = time.perf_counter()
@@ -167,16 +157,6 @@ def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, devic
     result = {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
     return result | {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
                      "nodules": metrics["nodules"], "training_seconds": seconds}  # fmt: skip
-
-
-def _start_row_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)  # the machine's cores shared by the rows that train at once
-
-
-def _tagged(name: str, line: str) -> None:
-    print(f"[{name}] {line}", flush=True)
 
 
 def table_markdown(document: dict) -> str:

@@ -1,4 +1,8 @@
-"""``m3net cv``: train one model per held-out fold, one after another, and pool the out-of-fold predictions.
+"""``m3net cv``: train one model per held-out fold and pool the out-of-fold predictions.
+
+The folds train one after another, or, given several ``devices`` (``m3net cv --devices
+cuda:0,cuda:1`` or ``--devices all``), side by side in one worker process per device
+(:mod:`m3netcore.train.workers`); the results are the same either way.
 
 Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder). Every
 nodule is predicted exactly once, by the model that did not train on its fold and was
@@ -10,10 +14,11 @@ folds are kept, an interrupted one is resumed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,7 @@ from m3netcore.train.dataset import cache_folds
 from m3netcore.train.evaluate import CALLED_METRICS, classification_metrics
 from m3netcore.train.metrics import roc_auc
 from m3netcore.train.run import MODEL_FILE, train_run
+from m3netcore.train.workers import DevicePool, tagged_print
 
 
 def cross_validate(
@@ -37,12 +43,16 @@ def cross_validate(
     config: RunConfig | None = None,
     *,
     device: str = "auto",
+    devices: Sequence[str] = (),
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every fold of the cache into ``out/fold-K``, then pool; returns the summary.
 
-    ``progress``: a progress bar on stderr while training, if stderr is a terminal.
+    ``devices``: with two or more, the folds train side by side, one worker process per
+    device (their progress lines go to stdout, tagged with the fold); otherwise one after
+    another in this process on ``device`` (or the one device given). ``progress``: a
+    progress bar on stderr while training one after another, if stderr is a terminal.
     """
     from m3netcore.models.registry import architecture
 
@@ -55,21 +65,34 @@ def cross_validate(
     folds = cache_folds(cache)
     config = _cv_config(out, config)
     started = time.perf_counter()
-    fold_rows = []
+    if len(devices) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise M3NetInputError("--devices spreads the folds over worker processes; do not also start it under torchrun")
+    device = devices[0] if devices else device
+    pending = []
     for fold in folds:
         run = out / f"fold-{fold}"
         if (run / MODEL_FILE).is_file():
             log(f"fold {fold}: finished earlier ({run / MODEL_FILE})")
-        else:
-            resume = (run / CHECKPOINT_FILE).is_file()
-            log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
-            train_run(data, model_name, fold, run, None if resume else config, resume=resume, device=device,
-                      progress=progress, log=log)  # fmt: skip
-        if os.environ.get("RANK", "0") != "0":
-            continue  # under torchrun only rank 0 has the files, and only it pools them
-        fold_rows.append(read_rows_csv(run / "test_predictions.csv"))
-    if not fold_rows:
-        return {}
+            continue
+        resume = (run / CHECKPOINT_FILE).is_file()
+        log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
+        pending.append((fold, run, None if resume else config, resume))
+    if len(devices) > 1 and len(pending) > 1:
+        with DevicePool(devices) as pool:
+            futures = {
+                pool.submit(train_run, data, model_name, fold, run, settings, resume=resume,
+                            log=functools.partial(tagged_print, f"fold {fold}")): fold
+                for fold, run, settings, resume in pending
+            }  # fmt: skip
+            for fold, _ in pool.as_finished(futures):
+                log(f"fold {fold}: finished")
+    else:
+        for fold, run, settings, resume in pending:
+            train_run(data, model_name, fold, run, settings, resume=resume, device=device, progress=progress,
+                      log=log)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return {}  # under torchrun only rank 0 has the files, and only it pools them
+    fold_rows = [read_rows_csv(out / f"fold-{fold}" / "test_predictions.csv") for fold in folds]
     pooled = [row for rows in fold_rows for row in rows]
     write_text_atomic(out / "oof.csv", rows_to_csv(pooled))
     summary = pooled_summary(pooled, fold_rows)

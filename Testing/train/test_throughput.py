@@ -9,12 +9,17 @@ from m3netcore.cli import main
 
 def test_throughput_measures_each_model_in_one_run(capsys):
     argv = ["benchmark", "throughput", "--models", "m3net", "single-micro", "--batch", "4", "--resnet-batch", "2",
-            "--steps", "1", "--windows", "1", "--count", "8"]  # fmt: skip
+            "--steps", "2", "--windows", "1", "--count", "8"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    rates = dict(re.findall(r"^(m3net|single-micro)\s+random HU\s+8\s+\d+\s+([\d.]+)", out, re.M))
-    assert set(rates) == {"m3net", "single-micro"} and all(float(v) > 0 for v in rates.values())
+    rows = re.findall(r"^(m3net|single-micro)\s+random HU\s+8\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert {name for name, *_ in rows} == {"m3net", "single-micro"}
+    for _, both, augment, network in rows:
+        both, augment, network = float(both), float(augment), float(network)
+        # a step is the two halves one after the other: its time is about the sum of theirs
+        assert 0.6 < (1 / augment + 1 / network) / (1 / both) < 1.6
     assert "ratio m3net/single-micro nodules/s:" in out and "CPU" in out
+    assert "m3net: augmentation takes" in out and "the network alone bounds training at" in out
 
 
 def test_throughput_refuses_unknown_models_and_empty_runs(capsys):

@@ -8,6 +8,9 @@ device (:func:`m3netcore.train.augment.resample_views`), adds HU noise (the trai
 noise bank), normalises, and
 runs forward, loss (BCE + InfoNCE + per-scale votes where the model has them), backward
 and an AdamW step; bf16 autocast on CUDA. Speed does not depend on the voxel values.
+The two halves are also timed alone, in the same process: making the views (augmentation
+only) and training on one fixed batch of views (network only). The network's rate is the
+most training could reach with augmentation for free.
 Used by ``m3net benchmark throughput`` and ``benchmarks/gpu_throughput.py``.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -77,7 +81,7 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
     banks = [NoiseBank(spec.tensor_shape, 0, device, stream=k) for k, spec in enumerate(preprocessing.scales)]
     rng = np.random.default_rng(0)
 
-    def step() -> None:
+    def make_views() -> tuple[list[torch.Tensor], torch.Tensor]:
         index = torch.randint(total, (batch,), device=device)
         matrices, shifts = random_transforms(batch, device)
         hu = resample_views([c[index].float() for c in cubes], stored, preprocessing.scales, matrices, shifts)
@@ -87,7 +91,9 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
         views = [normalise_hu_tensor(v, preprocessing.hu_window, inplace=True) for v in hu]
         if device.type == "cpu":
             views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
-        labels = (torch.rand(batch, device=device) < 0.3).float()
+        return views, (torch.rand(batch, device=device) < 0.3).float()
+
+    def train_on(views: list[torch.Tensor], labels: torch.Tensor) -> None:
         with autocast:
             output = network(views)
         loss = F.binary_cross_entropy_with_logits(output.logit.float(), labels)
@@ -99,19 +105,18 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
         loss.backward()
         optimiser.step()
 
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(windows):
-        _wait(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _wait(device)
-        rates.append(steps * batch / (time.perf_counter() - start))
+    def step() -> None:
+        train_on(*make_views())
+
+    fixed = make_views()
+    rates = {}
+    parts = {"nodules_per_s": step, "augment_per_s": make_views, "network_per_s": lambda: train_on(*fixed)}
+    for part, work in parts.items():
+        for _ in range(warmup):
+            work()
+        rates[part] = _median_rate(work, device, batch=batch, steps=steps, windows=windows)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"model": name, "source": source, "nodules": total, "batch": batch,
-            "nodules_per_s": statistics.median(rates), "peak_gib": peak}  # fmt: skip
+    return {"model": name, "source": source, "nodules": total, "batch": batch, "peak_gib": peak} | rates
 
 
 def table(rows: list[dict], device: torch.device) -> str:
@@ -121,14 +126,35 @@ def table(rows: list[dict], device: torch.device) -> str:
     else:
         where = f"CPU, {torch.get_num_threads()} torch threads, float32"
     lines = [f"# {where}, torch {torch.__version__}, augmentation on the device",
-             f"{'model':<12} {'cubes':<10} {'nodules':>8} {'batch':>6} {'nodules/s':>10} {'peak GiB':>9}"]  # fmt: skip
+             "# nodules/s: augmentation + network; augment only: making the views; network only: forward, "
+             "backward and AdamW on one fixed batch (the most training could reach with free augmentation)",
+             f"{'model':<12} {'cubes':<10} {'nodules':>8} {'batch':>6} {'nodules/s':>10} {'augment only':>13} "
+             f"{'network only':>13} {'peak GiB':>9}"]  # fmt: skip
     for row in rows:
         lines.append(f"{row['model']:<12} {row['source']:<10} {row['nodules']:>8} {row['batch']:>6} "
-                     f"{row['nodules_per_s']:>10.1f} {row['peak_gib']:>9.2f}")  # fmt: skip
+                     f"{row['nodules_per_s']:>10.1f} {row['augment_per_s']:>13.1f} {row['network_per_s']:>13.1f} "
+                     f"{row['peak_gib']:>9.2f}")  # fmt: skip
     if len(rows) == 2:
         ratio = rows[0]["nodules_per_s"] / rows[1]["nodules_per_s"]
         lines.append(f"ratio {rows[0]['model']}/{rows[1]['model']} nodules/s: {ratio:.2f}")
+    for row in rows:
+        share = row["nodules_per_s"] / row["augment_per_s"]
+        lines.append(f"{row['model']}: augmentation takes {share:.0%} of a training step's time; "
+                     f"the network alone bounds training at {row['network_per_s']:.1f} nodules/s")  # fmt: skip
     return "\n".join(lines)
+
+
+def _median_rate(work: Callable[[], object], device: torch.device, *, batch: int, steps: int, windows: int) -> float:
+    """Median over ``windows`` timed windows of ``steps`` calls of ``work``, in nodules per second."""
+    rates = []
+    for _ in range(windows):
+        _wait(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            work()
+        _wait(device)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def _wait(device: torch.device) -> None:

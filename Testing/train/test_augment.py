@@ -117,3 +117,20 @@ def test_hu_noise_is_independent_between_the_scales_and_scaled_per_nodule(tiny_c
         assert max(stds) / min(stds) < 1.1  # one std per nodule, for all its scales
         a, b = (residuals[0][k].flatten(), residuals[2][k].flatten())
         assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.05  # micro and macro noise unrelated
+
+
+def test_untransformed_views_are_kept_within_the_budget_and_augmented_ones_never(tiny_cache):
+    cache = open_cache(tiny_cache)
+    source = ViewSource(cache, default_preprocessing(), RunConfig(), torch.device("cpu"))
+    first = source.views([3, 4, 5])
+    again = source.views([3, 4, 5])
+    assert all(a is b for a, b in zip(first, again, strict=True))  # validation after each epoch: made once
+    fresh = ViewSource(cache, default_preprocessing(), RunConfig(), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh.views([3, 4, 5]), strict=True))
+    assert all(a is not b for a, b in zip(source.views([3, 4, 5], epoch=0), source.views([3, 4, 5], epoch=0),
+                                          strict=True))  # fmt: skip
+    kept = source._plain_bytes
+    assert kept == sum(v.numel() * 4 for v in first)
+    source.KEEP_PLAIN_BYTES = kept  # full: another batch is made each time
+    other = source.views([6])
+    assert source.views([6])[0] is not other[0] and source._plain_bytes == kept

@@ -43,6 +43,7 @@ def test_interrupted_then_resumed_run_ends_bitwise_identical(tiny_cache, tmp_pat
     )
     assert stopped["stopped_after_epoch"] == 1
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert (tmp_path / "resumed" / "curves.png").is_file()  # drawn before a requested stop, whenever last drawn
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["epoch"] == 1
     train_run(tiny_cache, "m3net", 0, tmp_path / "resumed", None, resume=True, device="cpu", log=lambda _: None)
 

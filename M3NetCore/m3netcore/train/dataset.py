@@ -107,7 +107,13 @@ class ViewSource:
         device: where the views are made. On a GPU all the cubes the model needs are copied
             there once (int16), so that a step moves no data; on the CPU they are read from the
             memory-mapped cache batch by batch.
+
+    Untransformed views (validation after every epoch, then calibration and the held-out
+    fold) are the same each time: they are kept, batch by batch, up to ``KEEP_PLAIN_BYTES``,
+    and handed out again. Callers must not change them in place.
     """
+
+    KEEP_PLAIN_BYTES = 512 * 2**20
 
     def __init__(self, cache: Cache, preprocessing: Preprocessing, config: RunConfig, device: torch.device) -> None:
         stored = {entry["name"]: entry for entry in cache.info["pyramid"]}
@@ -129,6 +135,8 @@ class ViewSource:
         self.device = device
         self._resident: list[Tensor] | None = None
         self._noise: dict[str, NoiseBank] = {}
+        self._plain: dict[tuple[int, ...], list[Tensor]] = {}
+        self._plain_bytes = 0
 
     def views(self, indices: Sequence[int], *, epoch: int | None = None) -> list[Tensor]:
         """Normalised views ``(B, 1, d, h, w)`` per scale; augmented when ``epoch`` is given.
@@ -139,6 +147,8 @@ class ViewSource:
         uninterrupted one would have drawn.
         """
         indices = [int(i) for i in indices]
+        if epoch is None and tuple(indices) in self._plain:
+            return self._plain[tuple(indices)]
         cubes = self._cubes(indices)
         if epoch is None:
             transforms = [SpatialTransform.identity()] * len(indices)
@@ -152,7 +162,12 @@ class ViewSource:
             choices, std = noise
             for k, (view, spec) in enumerate(zip(views, self.view_specs, strict=True)):
                 self._noise_bank(spec).add_to(view, choices[:, k], std)
-        return [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
+        views = [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
+        size = sum(v.numel() * v.element_size() for v in views)
+        if epoch is None and self._plain_bytes + size <= self.KEEP_PLAIN_BYTES:
+            self._plain[tuple(indices)] = views
+            self._plain_bytes += size
+        return views
 
     def _cubes(self, indices: list[int]) -> list[Tensor]:
         """Per scale, the nodules' stored cubes as float HU ``(B, 1, D, H, W)`` on the device."""

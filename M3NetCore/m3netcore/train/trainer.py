@@ -5,8 +5,10 @@ benign count / malignant count of the training nodules) + lambda * cross-scale I
 + ``vote_weight`` * the per-scale vote loss (models that vote per scale; 0 for the others).
 AdamW with a linear warm-up and cosine decay to zero, stepped per optimiser step. After
 each epoch the main process scores the validation nodules (untransformed views), keeps the
-weights of the best validation AUC so far, and writes the checkpoint, ``metrics.csv`` and
-``curves.png``.
+weights of the best validation AUC so far, and writes the checkpoint and ``metrics.csv``;
+``curves.png`` is redrawn after the last epoch, before a requested stop, and otherwise at
+most every ``PLOT_EVERY_S`` seconds (drawing it takes about a second: as long as a whole
+epoch on a GPU).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
 from m3netcore.train.progress import ProgressBar
 
+PLOT_EVERY_S = 60.0
 METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds",
                   "nodules_per_s")  # fmt: skip
 
@@ -98,6 +101,7 @@ class Trainer:
         self.epochs_done = 0
         self.history: list[dict] = []
         self.best: dict = {"epoch": 0, "val_auc": -math.inf, "network": None}
+        self._plotted_at = -math.inf  # time.monotonic() of the last curves.png
         torch.manual_seed(config.seed + 1_000_003 * processes.rank)  # dropout masks differ between processes
         self.model: nn.Module = network
         if processes.distributed:
@@ -130,7 +134,8 @@ class Trainer:
                 started = time.perf_counter()
                 losses = self._train_epoch(epoch, prefetch)
                 self.epochs_done += 1
-                self._end_epoch(losses, time.perf_counter() - started)
+                last = self.epochs_done in (self.config.epochs, stop_after_epoch)
+                self._end_epoch(losses, time.perf_counter() - started, plot=last)
                 if self.epochs_done == stop_after_epoch and self.epochs_done < self.config.epochs:
                     return False
         self._check_processes_agree()
@@ -195,8 +200,8 @@ class Trainer:
             sums = sums / self.processes.world_size
         return sums.cpu() / len(batches)
 
-    def _end_epoch(self, losses: torch.Tensor, seconds: float) -> None:
-        """Validate, keep the best weights, write checkpoint, metrics and curves (main process)."""
+    def _end_epoch(self, losses: torch.Tensor, seconds: float, *, plot: bool) -> None:
+        """Validate, keep the best weights, write checkpoint, metrics and (if ``plot`` or due) curves (main process)."""
         rngs = [rng_state()]
         if self.processes.distributed:
             rngs = [None] * self.processes.world_size
@@ -224,7 +229,9 @@ class Trainer:
                 "world_size": self.processes.world_size,
             })  # fmt: skip
             write_text_atomic(self.out / "metrics.csv", rows_to_csv(self.history))
-            _plot(self.history, self.out)
+            if plot or time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
+                _plot(self.history, self.out)
+                self._plotted_at = time.monotonic()
             self.say(
                 f"epoch {epoch}/{config.epochs}: loss {row['train_loss']:.4f} (bce {row['bce_loss']:.4f}, "
                 f"mi {row['mi_loss']:.4f}, votes {row['vote_loss']:.4f}), validation AUC {row['val_auc']:.3f} "

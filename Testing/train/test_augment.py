@@ -121,12 +121,13 @@ def test_hu_noise_is_independent_between_the_scales_and_scaled_per_nodule(tiny_c
 
 def test_untransformed_views_are_kept_within_the_budget_and_augmented_ones_never(tiny_cache):
     cache = open_cache(tiny_cache)
-    source = ViewSource(cache, default_preprocessing(), RunConfig(), torch.device("cpu"))
+    source = ViewSource(cache, default_preprocessing(), RunConfig(), torch.device("cpu"), keep_untransformed=True)
     first = source.views([3, 4, 5])
     again = source.views([3, 4, 5])
     assert all(a is b for a, b in zip(first, again, strict=True))  # validation after each epoch: made once
     fresh = ViewSource(cache, default_preprocessing(), RunConfig(), torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(first, fresh.views([3, 4, 5]), strict=True))
+    assert fresh.views([3, 4, 5])[0] is not fresh.views([3, 4, 5])[0] and fresh._plain_bytes == 0  # not asked to keep
     assert all(a is not b for a, b in zip(source.views([3, 4, 5], epoch=0), source.views([3, 4, 5], epoch=0),
                                           strict=True))  # fmt: skip
     kept = source._plain_bytes

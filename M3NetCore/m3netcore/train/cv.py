@@ -75,19 +75,20 @@ def cross_validate(
             log(f"fold {fold}: finished earlier ({run / MODEL_FILE})")
             continue
         resume = (run / CHECKPOINT_FILE).is_file()
-        log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
         pending.append((fold, run, None if resume else config, resume))
     if len(devices) > 1 and len(pending) > 1:
         with DevicePool(devices) as pool:
-            futures = {
-                pool.submit(train_run, data, model_name, fold, run, settings, resume=resume,
-                            log=functools.partial(tagged_print, f"fold {fold}")): fold
-                for fold, run, settings, resume in pending
-            }  # fmt: skip
+            futures = {}
+            for fold, run, settings, resume in pending:
+                log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}: queued for a worker")
+                future = pool.submit(train_run, data, model_name, fold, run, settings, resume=resume,
+                                     log=functools.partial(tagged_print, f"fold {fold}"))  # fmt: skip
+                futures[future] = fold
             for fold, _ in pool.as_finished(futures):
                 log(f"fold {fold}: finished")
     else:
         for fold, run, settings, resume in pending:
+            log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}")
             train_run(data, model_name, fold, run, settings, resume=resume, device=device, progress=progress,
                       log=log)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":

@@ -107,15 +107,16 @@ class ViewSource:
         device: where the views are made. On a GPU all the cubes the model needs are copied
             there once (int16), so that a step moves no data; on the CPU they are read from the
             memory-mapped cache batch by batch.
-
-    Untransformed views (validation after every epoch, then calibration and the held-out
-    fold) are the same each time: they are kept, batch by batch, up to ``KEEP_PLAIN_BYTES``,
-    and handed out again. Callers must not change them in place.
+        keep_untransformed: untransformed views are the same each time (validation after
+            every epoch, then calibration and the held-out fold): keep them, batch by batch,
+            up to ``KEEP_PLAIN_BYTES``, and hand them out again. Callers must not change
+            them in place.
     """
 
     KEEP_PLAIN_BYTES = 512 * 2**20
 
-    def __init__(self, cache: Cache, preprocessing: Preprocessing, config: RunConfig, device: torch.device) -> None:
+    def __init__(self, cache: Cache, preprocessing: Preprocessing, config: RunConfig, device: torch.device, *,
+                 keep_untransformed: bool = False) -> None:  # fmt: skip
         stored = {entry["name"]: entry for entry in cache.info["pyramid"]}
         missing = [name for name in preprocessing.scale_names if name not in stored]
         if missing:
@@ -137,6 +138,7 @@ class ViewSource:
         self._noise: dict[str, NoiseBank] = {}
         self._plain: dict[tuple[int, ...], list[Tensor]] = {}
         self._plain_bytes = 0
+        self._keep_plain = keep_untransformed
 
     def views(self, indices: Sequence[int], *, epoch: int | None = None) -> list[Tensor]:
         """Normalised views ``(B, 1, d, h, w)`` per scale; augmented when ``epoch`` is given.
@@ -164,7 +166,7 @@ class ViewSource:
                 self._noise_bank(spec).add_to(view, choices[:, k], std)
         views = [normalise_hu_tensor(v, self.hu_window, inplace=True) for v in views]
         size = sum(v.numel() * v.element_size() for v in views)
-        if epoch is None and self._plain_bytes + size <= self.KEEP_PLAIN_BYTES:
+        if epoch is None and self._keep_plain and self._plain_bytes + size <= self.KEEP_PLAIN_BYTES:
             self._plain[tuple(indices)] = views
             self._plain_bytes += size
         return views

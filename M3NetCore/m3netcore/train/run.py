@@ -99,7 +99,8 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int | None, out: P
            processes: distributed.Processes, resume: bool, stop_after_epoch: int | None, progress: bool,
            log: Callable[[str], None]) -> dict:  # fmt: skip
     say = log if processes.main else (lambda _: None)
-    source = ViewSource(cache, architecture(model_name).preprocessing(), config, processes.device)
+    source = ViewSource(cache, architecture(model_name).preprocessing(), config, processes.device,
+                        keep_untransformed=True)  # validation views, made once
     trainer = Trainer(model_name, split, source, config, processes, out, say,
                       ProgressBar(enabled=None if progress and processes.main else False))  # fmt: skip
     if resume:

@@ -76,7 +76,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if text.startswith("cuda"):
         if not torch.cuda.is_available():
             raise M3NetInputError(f"device {device!r} requested but no CUDA GPU is available")
-        return torch.device(text)
+        try:
+            return torch.device(text)
+        except RuntimeError as err:  # "cuda:x", "cuda0"
+            raise M3NetInputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
     raise M3NetInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 

@@ -66,6 +66,26 @@ def test_cv_continues_a_finished_folder_without_retraining(cv_folder, two_fold_c
         cross_validate(two_fold_cache, "m3net", cv_folder, QUICK.replace(epochs=2), device="cpu", log=lines.append)
 
 
+def test_cv_restarts_a_fold_stopped_during_its_first_epoch(two_fold_cache, tmp_path):
+    from m3netcore.train.checkpointing import CHECKPOINT_FILE
+    from m3netcore.train.run import train_run
+
+    config = QUICK.replace(epochs=2)
+    cross_validate(two_fold_cache, "m3net", tmp_path / "straight", config, device="cpu", log=lambda _: None)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "cv-config.json").write_text(json.dumps(config.to_dict()))
+    fold = cut / "fold-0"
+    train_run(two_fold_cache, "m3net", 0, fold, config, stop_after_epoch=1, device="cpu", log=lambda _: None)
+    for name in (CHECKPOINT_FILE, "metrics.csv", "curves.png"):  # as if killed during epoch 1
+        (fold / name).unlink()
+    lines = []
+    cross_validate(two_fold_cache, "m3net", cut, None, device="cpu", log=lines.append)
+    assert "fold 0: resuming" in "\n".join(lines) and "resumed" in "\n".join(lines)
+    straight, again = _rows(tmp_path / "straight" / "oof.csv"), _rows(cut / "oof.csv")
+    assert [(r["nodule_id"], r["probability"]) for r in straight] == [(r["nodule_id"], r["probability"]) for r in again]
+
+
 def test_evaluate_a_run_reproduces_its_held_out_predictions_and_writes_the_report(cv_folder, two_fold_cache):
     run = cv_folder / "fold-1"
     report = evaluate_model(run, two_fold_cache, device="cpu")

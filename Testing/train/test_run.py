@@ -43,7 +43,6 @@ def test_interrupted_then_resumed_run_ends_bitwise_identical(tiny_cache, tmp_pat
     )
     assert stopped["stopped_after_epoch"] == 1
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    assert (tmp_path / "resumed" / "curves.png").is_file()  # drawn before a requested stop, whenever last drawn
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["epoch"] == 1
     train_run(tiny_cache, "m3net", 0, tmp_path / "resumed", None, resume=True, device="cpu", log=lambda _: None)
 
@@ -180,3 +179,24 @@ def test_a_run_checkpointed_before_the_vote_loss_column_resumes(tiny_cache, tmp_
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == METRIC_COLUMNS and [r["vote_loss"] == "" for r in rows] == [True, False]
     assert (run / "model.safetensors").is_file() and (run / "curves.png").is_file()
+
+
+def test_curves_are_drawn_after_the_last_epoch_before_a_stop_and_otherwise_at_most_once_a_minute(
+    tiny_cache, tmp_path, monkeypatch
+):
+    from m3netcore.train import trainer
+
+    drawn, draw = [], trainer._plot
+
+    def draw_and_count(history, out):  # the real plot, counted
+        drawn.append(len(history))
+        draw(history, out)
+
+    monkeypatch.setattr(trainer, "_plot", draw_and_count)
+    monkeypatch.setattr(trainer, "PLOT_EVERY_S", 1e9)
+    train_run(tiny_cache, "m3net", 0, tmp_path / "straight", QUICK, device="cpu", log=lambda _: None)
+    assert drawn == [1, 3]  # the first epoch, then not again until the last
+    drawn.clear()
+    train_run(tiny_cache, "m3net", 0, tmp_path / "stopped", QUICK, stop_after_epoch=2, device="cpu",
+              log=lambda _: None)  # fmt: skip
+    assert drawn == [1, 2] and (tmp_path / "stopped" / "curves.png").stat().st_size > 5000

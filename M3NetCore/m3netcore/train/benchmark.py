@@ -137,12 +137,10 @@ def _cross_validate_rows(planned: list[tuple[int, NetworkRow, Path]], out: Path,
         for position, row, data in planned:
             yield position, _cross_validate_row(data, row, out, base, log, device=device)
         return
+    calls = [(place, _cross_validate_row, (data, row, out, base, functools.partial(tagged_print, row.name)), {})
+             for place, row, data in planned]  # fmt: skip
     with DevicePool([device] * min(jobs, len(planned))) as pool:
-        futures = {
-            pool.submit(_cross_validate_row, data, row, out, base, functools.partial(tagged_print, row.name)): place
-            for place, row, data in planned
-        }  # fmt: skip
-        yield from pool.as_finished(futures)
+        yield from pool.run(calls)
 
 
 def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, log: Callable[[str], None], *,

@@ -2,14 +2,16 @@
 
 The folds train one after another, or, given several ``devices`` (``m3net cv --devices
 cuda:0,cuda:1`` or ``--devices all``), side by side in one worker process per device
-(:mod:`m3netcore.train.workers`); the results are the same either way.
+(:mod:`m3netcore.train.workers`); the results agree within float rounding (the workers
+use fewer torch threads each).
 
 Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder). Every
 nodule is predicted exactly once, by the model that did not train on its fold and was
 selected and calibrated without it; ``DIR/oof.csv`` holds these predictions and
 ``DIR/summary.json`` / ``summary.md`` the pooled metrics with patient-bootstrap intervals
 and each fold's AUC. A folder with finished folds continues where it stopped: finished
-folds are kept, an interrupted one is resumed.
+folds are kept, interrupted ones are resumed (one stopped during its first epoch starts
+again).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def cross_validate(
     from m3netcore.models.registry import architecture
 
     out = Path(out)
+    if len(devices) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise M3NetInputError("--devices spreads the folds over worker processes; do not also start it under torchrun")
     try:
         architecture(model_name)
     except ValueError as err:
@@ -65,8 +69,6 @@ def cross_validate(
     folds = cache_folds(cache)
     config = _cv_config(out, config)
     started = time.perf_counter()
-    if len(devices) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise M3NetInputError("--devices spreads the folds over worker processes; do not also start it under torchrun")
     device = devices[0] if devices else device
     pending = []
     for fold in folds:
@@ -74,17 +76,17 @@ def cross_validate(
         if (run / MODEL_FILE).is_file():
             log(f"fold {fold}: finished earlier ({run / MODEL_FILE})")
             continue
-        resume = (run / CHECKPOINT_FILE).is_file()
+        # a fold stopped during its first epoch has its settings but no checkpoint yet: it resumes from the start
+        resume = (run / CHECKPOINT_FILE).is_file() or (run / "config.json").is_file()
         pending.append((fold, run, None if resume else config, resume))
     if len(devices) > 1 and len(pending) > 1:
+        calls = []
+        for fold, run, settings, resume in pending:
+            log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}: queued for a worker")
+            calls.append((fold, train_run, (data, model_name, fold, run, settings),
+                          {"resume": resume, "log": functools.partial(tagged_print, f"fold {fold}")}))  # fmt: skip
         with DevicePool(devices) as pool:
-            futures = {}
-            for fold, run, settings, resume in pending:
-                log(f"fold {fold}: {'resuming' if resume else 'training'} {model_name} into {run}: queued for a worker")
-                future = pool.submit(train_run, data, model_name, fold, run, settings, resume=resume,
-                                     log=functools.partial(tagged_print, f"fold {fold}"))  # fmt: skip
-                futures[future] = fold
-            for fold, _ in pool.as_finished(futures):
+            for fold, _ in pool.run(calls):
                 log(f"fold {fold}: finished")
     else:
         for fold, run, settings, resume in pending:

@@ -111,7 +111,13 @@ class Trainer:
             )  # fmt: skip
 
     def resume(self) -> None:
-        """Continue from ``out/checkpoint.pt``: weights, optimiser, schedule, random states, history."""
+        """Continue from ``out/checkpoint.pt``: weights, optimiser, schedule, random states, history.
+
+        A run stopped before its first checkpoint (during epoch 1) has nothing to load: it
+        starts from the beginning, with the settings it was begun with.
+        """
+        if not (self.out / CHECKPOINT_FILE).is_file():
+            return
         state = load_checkpoint(self.out / CHECKPOINT_FILE)
         if state["world_size"] != self.processes.world_size:
             raise M3NetInputError(

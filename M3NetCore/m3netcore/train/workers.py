@@ -2,28 +2,33 @@
 
 ``m3net cv --devices cuda:0,cuda:1`` trains the folds two at a time, one per GPU;
 ``m3net benchmark accuracy --jobs N`` trains N rows at a time on one device. Both hand
-their work to a :class:`DevicePool`: one process per entry of ``devices`` (entries may
-repeat: ``["cpu", "cpu"]`` splits the cores between two workers, ``["cuda"] * 4`` puts
-four small models on one GPU). Each call runs with its worker's device as the keyword
-argument ``device``.
+their work to a :class:`DevicePool`: ``len(devices)`` worker processes, and never more
+calls under way than devices. Entries may repeat: ``["cpu", "cpu"]`` splits the cores
+between two workers, ``["cuda"] * 4`` puts four small models on one GPU. Each call runs
+with a free device as the keyword argument ``device``.
 
 Processes are spawned, not forked: CUDA cannot start in a forked child, and forking torch's
-thread pools can deadlock. Each worker gets ``os.cpu_count() // len(devices)`` torch threads.
+thread pools can deadlock. Each worker gets (usable cores) // ``len(devices)`` torch
+threads and ignores Ctrl-C: the main process takes it, stops every worker and re-raises.
+The first call that fails stops the others the same way. Training runs write their
+checkpoints atomically, so a stopped run resumes from its last finished epoch.
 """
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from m3netcore.errors import M3NetInputError
 
 Key = TypeVar("Key")
-
-_WORKER_DEVICE: str | None = None  # set in each worker process by _start_worker
+Call = tuple[Key, Callable[..., Any], tuple, dict]  # (key, function, args, kwargs)
 
 
 def parse_devices(text: str) -> list[str]:
@@ -55,25 +60,22 @@ def parse_devices(text: str) -> list[str]:
 
 
 class DevicePool:
-    """A pool of ``len(devices)`` spawned worker processes, worker ``k`` on ``devices[k]``.
+    """``len(devices)`` spawned worker processes that run calls, each call on a device no other call holds.
 
     Example:
-        >>> with DevicePool(["cpu", "cpu"]) as pool:
-        ...     futures = {pool.submit(train_run, data, "m3net", fold, out / f"fold-{fold}"): fold for fold in (0, 1)}
-        ...     for fold, summary in pool.as_finished(futures):
+        >>> calls = [(fold, train_run, (data, "m3net", fold, out / f"fold-{fold}"), {}) for fold in range(5)]
+        >>> with DevicePool(["cuda:0", "cuda:1"]) as pool:
+        ...     for fold, summary in pool.run(calls):
         ...         print(fold, summary["test_auc"])
     """
 
     def __init__(self, devices: Sequence[str]) -> None:
         if not devices:
             raise ValueError("a DevicePool needs at least one device")
-        context = multiprocessing.get_context("spawn")
-        free_devices = context.SimpleQueue()
-        for device in devices:
-            free_devices.put(device)
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
-        self._executor = ProcessPoolExecutor(len(devices), mp_context=context, initializer=_start_worker,
-                                             initargs=(free_devices, threads))  # fmt: skip
+        self.devices = list(devices)
+        threads = max(1, _usable_cores() // len(self.devices))
+        self._executor = ProcessPoolExecutor(len(self.devices), mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(threads,))  # fmt: skip
 
     def __enter__(self) -> DevicePool:
         return self
@@ -81,19 +83,41 @@ class DevicePool:
     def __exit__(self, *exc_info: object) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """``function(*args, device=<the worker's device>, **kwargs)`` in the next free worker."""
-        return self._executor.submit(_call_on_worker_device, function, args, kwargs)
+    def run(self, calls: Sequence[Call]) -> Iterator[tuple[Key, Any]]:
+        """``(key, function(*args, device=..., **kwargs))`` of each call, as they finish.
 
-    def as_finished(self, futures: dict[Future, Key]) -> Iterator[tuple[Key, Any]]:
-        """``(key, result)`` of each future as it finishes; the first failure cancels the waiting calls and raises."""
+        Raises:
+            Exception: the first call's that fails, after the other calls are stopped.
+            ChildProcessError: a worker process died (killed, or out of memory).
+        """
+        free = collections.deque(self.devices)
+        waiting = collections.deque(calls)
+        running: dict[Future, tuple[Key, str]] = {}
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            while waiting or running:
+                while waiting and free:
+                    key, function, args, kwargs = waiting.popleft()
+                    device = free.popleft()
+                    running[self._executor.submit(_call_on, device, function, args, kwargs)] = (key, device)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key, device = running.pop(future)
+                    free.append(device)
+                    yield key, future.result()
+        except BrokenProcessPool as err:
+            self._stop_workers()
+            raise ChildProcessError(
+                "a worker process died (killed, or out of memory?); finished work is kept, run again to continue"
+            ) from err
         except BaseException:
-            for future in futures:
-                future.cancel()
+            self._stop_workers()
             raise
+
+    def _stop_workers(self) -> None:
+        # ProcessPoolExecutor cannot cancel a call under way (Python < 3.14 has no terminate_workers)
+        for process in list(getattr(self._executor, "_processes", {}).values()):
+            process.terminate()
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def tagged_print(tag: str, line: str) -> None:
@@ -101,15 +125,23 @@ def tagged_print(tag: str, line: str) -> None:
     print(f"[{tag}] {line}", flush=True)
 
 
-def _start_worker(free_devices: Any, threads: int) -> None:
-    global _WORKER_DEVICE
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _start_worker(threads: int) -> None:
     import torch
 
-    _WORKER_DEVICE = free_devices.get()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(threads)  # the cores shared by the workers
-    if _WORKER_DEVICE.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(_WORKER_DEVICE))  # what uses "the current GPU" uses this one
 
 
-def _call_on_worker_device(function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    return function(*args, device=_WORKER_DEVICE, **kwargs)
+def _call_on(device: str, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    if device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))  # what uses "the current GPU" uses this one
+    return function(*args, device=device, **kwargs)

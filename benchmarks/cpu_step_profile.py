@@ -18,11 +18,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from m3netcore.checkpoint import Model
-from m3netcore.losses import cross_scale_infonce, scale_vote_loss
+from m3netcore.train.throughput import training_loss
 
 
 def main() -> None:
@@ -94,8 +93,7 @@ def _step_profile(network: nn.Module, preprocessing, batch: int) -> str:
 
     def step() -> None:
         output = network(views)
-        loss = (F.binary_cross_entropy_with_logits(output.logit, labels)
-                + 0.1 * cross_scale_infonce(output.embeddings) + 0.5 * scale_vote_loss(output.scale_logits, labels))
+        loss = training_loss(output, labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

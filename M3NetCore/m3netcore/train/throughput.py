@@ -29,7 +29,9 @@ from m3netcore.checkpoint import Model
 from m3netcore.data.cache import open_cache, pyramid_specs
 from m3netcore.errors import M3NetInputError
 from m3netcore.losses import cross_scale_infonce, scale_vote_loss
+from m3netcore.models.output import ModelOutput
 from m3netcore.train.augment import NoiseBank, normalise_hu_tensor, resample_views
+from m3netcore.train.config import RunConfig
 
 
 def random_transforms(batch: int, device: torch.device, *, max_rotation_deg: float = 25.0, max_zoom: float = 0.1,
@@ -96,11 +98,7 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
     def train_on(views: list[torch.Tensor], labels: torch.Tensor) -> None:
         with autocast:
             output = network(views)
-        loss = F.binary_cross_entropy_with_logits(output.logit.float(), labels)
-        if output.embeddings is not None:
-            loss = loss + 0.1 * cross_scale_infonce(output.embeddings.float())
-        if output.scale_logits is not None:
-            loss = loss + 0.5 * scale_vote_loss(output.scale_logits, labels)
+        loss = training_loss(output, labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -117,6 +115,17 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
         rates[part] = _median_rate(work, device, batch=batch, steps=steps, windows=windows)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"model": name, "source": source, "nodules": total, "batch": batch, "peak_gib": peak} | rates
+
+
+def training_loss(output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+    """The trainer's loss at its default weights: BCE + lambda InfoNCE + per-scale votes (where the model has them)."""
+    defaults = RunConfig()
+    loss = F.binary_cross_entropy_with_logits(output.logit.float(), labels)
+    if output.embeddings is not None:
+        loss = loss + defaults.mi_weight * cross_scale_infonce(output.embeddings.float(), defaults.mi_temperature)
+    if output.scale_logits is not None:
+        loss = loss + defaults.vote_weight * scale_vote_loss(output.scale_logits, labels)
+    return loss
 
 
 def table(rows: list[dict], device: torch.device) -> str:

@@ -76,5 +76,10 @@ def test_reference_rows_on_real_lidc(lidc_table):
     diameter = rows["diameter only (logistic regression)"]
     assert 0.8 < diameter["auc"] < 0.95 and diameter["auc_ci"][0] < diameter["auc"] < diameter["auc_ci"][1]
     assert rows["diameter + readers' other ratings (logistic regression)"]["auc"] > diameter["auc"]
+    # called at the training folds' balanced-accuracy threshold (as the networks on validation), not at 0.5,
+    # which under 24% malignant would trade sensitivity for accuracy
+    assert abs(diameter["sensitivity"] - diameter["specificity"]) < 0.1 and diameter["sensitivity"] > 0.7
+    assert majority["sensitivity"] == 0.0 and majority["specificity"] == 1.0
+    assert diameter["parameters"] == 2 and rows["majority class"]["parameters"] == 1
     excluded = reference_rows(lidc_table, "mean-excl3")
     assert excluded[0]["nodules"] == 2012 and excluded[0]["malignant"] == 646

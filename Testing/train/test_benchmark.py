@@ -104,3 +104,42 @@ def test_rows_that_the_main_cache_cannot_feed_train_on_an_extra_cache(tmp_path):
     with pytest.raises(M3NetInputError, match="same nodules"):
         accuracy_table(micro_only, "mean-excl3", tmp_path / "bad", rows=rows, config=config, device="cpu",
                        extra_data=[other_folds], log=lambda _: None)  # fmt: skip
+
+
+def test_a_rerun_keeps_training_times_and_a_new_row_joins_the_earlier_table(two_fold_cache, tmp_path):
+    from m3netcore.train.benchmark import accuracy_table
+    from m3netcore.train.config import RunConfig
+
+    config = RunConfig(batch_size=8, epochs=1, log_every=100)
+    out = tmp_path / "bench"
+    first = accuracy_table(two_fold_cache, "mean-excl3", out, rows=["majority class", "single-micro"], config=config,
+                           device="cpu", log=lambda _: None)  # fmt: skip
+    seconds = first[1]["training_seconds"]
+    assert seconds > 0
+    again = accuracy_table(two_fold_cache, "mean-excl3", out, rows=["single-micro"], config=config, device="cpu",
+                           log=lambda _: None)  # fmt: skip
+    assert [row["name"] for row in again] == ["majority class", "single-micro"]
+    assert again[1]["training_seconds"] == seconds  # the folds' own times, though this call trained nothing
+    added = accuracy_table(two_fold_cache, "mean-excl3", out, rows=["diameter only (logistic regression)"],
+                           config=config, device="cpu", log=lambda _: None)  # fmt: skip
+    assert [row["name"] for row in added] == ["majority class", "diameter only (logistic regression)", "single-micro"]
+    stored = json.loads((out / "table.json").read_text())["rows"]
+    assert stored == json.loads(json.dumps(added)) and added[0] == first[0]
+    diameter = added[1]
+    assert diameter["parameters"] == 2 and 0 < diameter["gflops"] < 1e-6 and diameter["training_seconds"] >= 0
+    said: list[str] = []
+    other = accuracy_table(two_fold_cache, "official", out, rows=["majority class"], config=config, device="cpu",
+                           log=said.append)  # fmt: skip
+    assert [row["name"] for row in other] == ["majority class"]
+    assert any("another protocol or other settings: replacing it" in line for line in said)
+
+
+def test_a_cache_without_the_protocols_labels_or_folds_is_a_one_line_error(two_fold_cache, tmp_path, capsys):
+    from m3netcore.data.cache import open_cache
+
+    argv = ["benchmark", "accuracy", "--data", str(two_fold_cache), "--out", str(tmp_path / "b"), "--rows",
+            "majority class"]  # fmt: skip
+    columns = set(open_cache(two_fold_cache).rows[0])
+    assert "label_median-excl3" not in columns
+    assert main([*argv, "--protocol", "median-excl3"]) == 2
+    assert "has no median-excl3 labels (column label_median-excl3)" in capsys.readouterr().err

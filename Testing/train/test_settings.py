@@ -9,7 +9,7 @@ import pytest
 
 from m3netcore.errors import M3NetInputError
 from m3netcore.train.config import RunConfig, read_config
-from m3netcore.train.run import best_threshold
+from m3netcore.train.metrics import best_threshold
 from m3netcore.train.trainer import warmup_cosine
 
 

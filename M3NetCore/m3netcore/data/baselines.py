@@ -3,10 +3,16 @@
 All rows use the stored patient-level folds: each fold's nodules are predicted by a model
 fitted on the other folds, and AUC and accuracy are computed on the pooled out-of-fold
 predictions, with 95% intervals from resampling patients (bootstrap).
+
+The regressions call a nodule malignant at the threshold of best balanced accuracy on the
+folds they were fitted on: the rule the networks follow on their validation split
+(:func:`m3netcore.train.metrics.best_threshold`), so that accuracy, sensitivity and
+specificity compare like with like. The majority class calls every nodule the majority.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,7 +20,7 @@ import numpy as np
 from m3netcore.data.labels import check_protocol
 from m3netcore.data.manifest import OTHER_RATINGS
 from m3netcore.errors import M3NetInputError
-from m3netcore.train.metrics import roc_auc
+from m3netcore.train.metrics import best_threshold, roc_auc
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -30,10 +36,21 @@ def reference_rows(
 ) -> list[dict]:
     """AUC and accuracy (with patient-bootstrap 95% CIs) of each reference model under ``protocol``.
 
+    Each row also gives its fitted numbers (``parameters``: coefficients and intercept; the
+    majority class keeps one), ``gflops`` per nodule and ``training_seconds`` (all folds).
+
     ``models``: names from :data:`REFERENCE_MODELS` (default all).
+
+    Raises:
+        M3NetInputError: the rows lack the protocol's labels, the folds or a feature, or
+            hold one class only.
     """
     check_protocol(protocol)
-    kept = [r for r in rows if r[f"label_{protocol}"] is not None]
+    column = f"label_{protocol}"
+    for needed in (column, "fold", "patient_id"):
+        if not rows or needed not in rows[0]:
+            raise M3NetInputError(f"the nodule table has no {needed} column: no reference rows under {protocol}")
+    kept = [r for r in rows if r[column] is not None]
     labels = np.asarray([r[f"label_{protocol}"] for r in kept], dtype=int)
     if labels.size == 0 or labels.min() == labels.max():
         raise M3NetInputError(f"protocol {protocol} leaves {labels.size} nodules of one class: nothing to separate")
@@ -43,8 +60,10 @@ def reference_rows(
     for name, features in REFERENCE_MODELS.items():
         if models is not None and name not in models:
             continue
-        scores = _out_of_fold_scores(kept, features, labels, folds)
-        predictions = (scores >= 0.5).astype(int)
+        started = time.perf_counter()
+        scores, thresholds = _out_of_fold_scores(kept, features, labels, folds)
+        seconds = time.perf_counter() - started
+        predictions = (scores >= thresholds).astype(int)
         auc, auc_ci = _with_interval(lambda idx, s=scores: roc_auc(s[idx], labels[idx]), patients, seed)
         accuracy, accuracy_ci = _with_interval(
             lambda idx, p=predictions: float(np.mean(p[idx] == labels[idx])), patients, seed
@@ -61,17 +80,25 @@ def reference_rows(
                 "accuracy_ci": accuracy_ci,
                 "sensitivity": float(np.mean(predictions[labels == 1] == 1)),
                 "specificity": float(np.mean(predictions[labels == 0] == 0)),
+                "parameters": len(features) + 1,
+                "gflops": 2 * len(features) / 1e9,  # a scaled dot product
+                "training_seconds": round(seconds, 3),
             }
         )
     return table
 
 
-def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
+def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray,
+                        folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each nodule's score from the model of the other folds, and the threshold that model calls at."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    scores = np.zeros(len(rows))
+    scores, thresholds = np.zeros(len(rows)), np.full(len(rows), 0.5)
+    missing = [f for f in features if any(r.get(f) is None for r in rows)]
+    if missing:
+        raise M3NetInputError(f"some nodules have no {', '.join(missing)}: cannot fit the reference regression")
     x = np.asarray([[r[f] for f in features] for r in rows], dtype=np.float64) if features else None
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
@@ -83,7 +110,8 @@ def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray, folds
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
         model.fit(x[train], labels[train])
         scores[test] = model.predict_proba(x[test])[:, 1]
-    return scores
+        thresholds[test] = best_threshold(model.predict_proba(x[train])[:, 1], labels[train])
+    return scores, thresholds
 
 
 def _with_interval(metric, patients: np.ndarray, seed: int) -> tuple[float, list[float]]:

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,12 @@ from m3netcore.atomic import write_text_atomic
 from m3netcore.checkpoint import Model
 from m3netcore.data.baselines import REFERENCE_MODELS, reference_rows
 from m3netcore.data.cache import Cache, open_cache
+from m3netcore.data.labels import check_protocol
 from m3netcore.errors import M3NetInputError
 from m3netcore.summary import model_summary
 from m3netcore.train.config import RunConfig
 from m3netcore.train.cv import cross_validate
-from m3netcore.train.dataset import ViewSource
+from m3netcore.train.dataset import ViewSource, cache_folds
 from m3netcore.train.workers import DevicePool, tagged_print
 
 GPU_ONLY_GFLOPS = 10.0  # forward GFLOPs per nodule above which a row is not trained on a CPU
@@ -72,6 +72,9 @@ def accuracy_table(
 ) -> list[dict]:
     """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``.
 
+    Rows of an earlier table in ``out`` (same protocol and settings) that this call does not
+    make are kept, so ``rows=[X]`` adds or redoes row X; the whole table is returned.
+
     ``jobs``: network rows cross-validated at once, each in its own process (1: one after
     another in this process). ``extra_data``: caches of the same nodules, folds and labels
     with other cubes (``m3net lidc phantom --model resnet18x3``); a network row that ``data``
@@ -85,7 +88,14 @@ def accuracy_table(
         raise M3NetInputError(f"unknown row(s) {unknown}; rows: {'; '.join(ROW_NAMES)}")
     if jobs < 1:
         raise M3NetInputError(f"--jobs must be at least 1, got {jobs}")
+    try:
+        check_protocol(protocol)
+    except ValueError as err:
+        raise M3NetInputError(str(err)) from err
     cache = open_cache(data)
+    cache_folds(cache)  # refuses a cache without folds
+    if not any(row.get(f"label_{protocol}") is not None for row in cache.rows):
+        raise M3NetInputError(f"{cache.path} has no {protocol} labels (column label_{protocol})")
     caches = [cache, *(open_cache(path) for path in extra_data)]
     for other in caches[1:]:
         _check_same_nodules(cache, other, protocol)
@@ -123,6 +133,7 @@ def accuracy_table(
         table.append(entry)
     for position, result in _cross_validate_rows(planned, out, base, device, jobs, log):
         table[position] |= result
+    table = _with_earlier_rows(out / "table.json", table, protocol, base, log)
     document = {"data": str(cache.path), "semi_synthetic": cache.semi_synthetic, "kind": cache.info.get("kind"),
                 "protocol": protocol, "config": base.to_dict(), "jobs": jobs, "rows": table}  # fmt: skip
     write_text_atomic(out / "table.json", json.dumps(document, indent=2) + "\n")
@@ -147,14 +158,38 @@ def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, log: 
                         device: str) -> dict:  # fmt: skip
     """One network row: ``m3net cv`` into ``out/<row>``; its metrics and wall time."""
     log(f"{row.name}: cross-validating {row.architecture}")
-    started = time.perf_counter()
     summary = cross_validate(data, row.architecture, out / _slug(row.name), base.replace(**row.settings),
                              device=device, log=log)  # fmt: skip
     metrics = summary["metrics"]
-    seconds = round(time.perf_counter() - started, 1)
     result = {key: metrics[key]["value"] for key in ("auc", "accuracy", "sensitivity", "specificity")}
+    # the folds' own epoch times: a rerun that finds the folds done does not count as 0 s
     return result | {"auc_ci": metrics["auc"]["ci"], "accuracy_ci": metrics["accuracy"]["ci"],
-                     "nodules": metrics["nodules"], "training_seconds": seconds}  # fmt: skip
+                     "nodules": metrics["nodules"], "training_seconds": summary["training_seconds"]}  # fmt: skip
+
+
+def _with_earlier_rows(path: Path, table: list[dict], protocol: str, base: RunConfig,
+                       log: Callable[[str], None]) -> list[dict]:  # fmt: skip
+    """``table`` with the rows of an earlier table in the same folder that this call did not make.
+
+    Only a table of the same protocol and settings is merged (``--rows X`` adds X to it);
+    another one is replaced, and the log says so. Rows keep the order of :data:`ROW_NAMES`.
+    """
+    if not path.is_file():
+        return table
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        same = earlier["protocol"] == protocol and earlier["config"] == base.to_dict()
+        rows = earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"{path} is not a readable table: replacing it")
+        return table
+    if not same:
+        log(f"{path} holds another protocol or other settings: replacing it")
+        return table
+    made = {row["name"] for row in table}
+    merged = {row["name"]: row for row in rows if row.get("name") in ROW_NAMES and row["name"] not in made}
+    merged |= {row["name"]: row for row in table}
+    return [merged[name] for name in ROW_NAMES if name in merged]
 
 
 def table_markdown(document: dict) -> str:
@@ -162,7 +197,10 @@ def table_markdown(document: dict) -> str:
     kind = "SEMI-SYNTHETIC " if document["semi_synthetic"] else ""
     lines = [
         f"Accuracy benchmark, {kind}{document['kind']} cache `{document['data']}`, protocol {document['protocol']}, "
-        "patient-level folds, pooled out-of-fold predictions, 95% CIs by patient bootstrap."
+        "patient-level folds, pooled out-of-fold predictions, 95% CIs by patient bootstrap. Networks call "
+        "malignant at the threshold of best balanced accuracy on their validation split, the regressions at "
+        "that of their training folds; the majority class calls every nodule the majority. Training: the "
+        "folds' epochs (networks) or fits (regressions), summed over the folds."
         + (f" Network rows trained {document['jobs']} at a time on one device; training times are wall times "
            "under that sharing." if document.get("jobs", 1) > 1 else ""),
         "",
@@ -177,7 +215,7 @@ def table_markdown(document: dict) -> str:
                      _number(row.get("sensitivity")), _number(row.get("specificity"))]  # fmt: skip
         size = [f"{row['parameters']:,}" if "parameters" in row else "", _number(row.get("gflops"), 3)]
         seconds = row.get("training_seconds")
-        time_cell = "" if seconds is None else f"{seconds:.0f} s"
+        time_cell = "" if seconds is None else f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
         lines.append("| " + " | ".join([row["name"], *cells, *size, time_cell]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -216,8 +254,9 @@ def _check_same_nodules(cache: Cache, other: Cache, protocol: str) -> None:
 def _reference_row(row: dict) -> dict:
     if "not_run" in row:
         return row
-    return {key: row[key] for key in ("name", "auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity",
-                                      "specificity", "nodules")}  # fmt: skip
+    kept = ("name", "auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity", "specificity", "nodules", "parameters",
+            "gflops", "training_seconds")  # fmt: skip
+    return {key: row[key] for key in kept}
 
 
 def _with_ci(value: float, ci: Sequence[float]) -> str:

@@ -35,6 +35,7 @@ from m3netcore.train.dataset import cache_folds
 from m3netcore.train.evaluate import CALLED_METRICS, classification_metrics
 from m3netcore.train.metrics import roc_auc
 from m3netcore.train.run import MODEL_FILE, train_run
+from m3netcore.train.trainer import METRICS_FILE
 from m3netcore.train.workers import DevicePool, tagged_print
 
 
@@ -99,7 +100,10 @@ def cross_validate(
     pooled = [row for rows in fold_rows for row in rows]
     write_text_atomic(out / "oof.csv", rows_to_csv(pooled))
     summary = pooled_summary(pooled, fold_rows)
+    for entry in summary["per_fold"]:
+        entry["training_seconds"] = _training_seconds(out / f"fold-{entry['fold']}")
     summary |= {
+        "training_seconds": round(sum(entry["training_seconds"] for entry in summary["per_fold"]), 1),
         "architecture": model_name, "data": str(cache.path), "data_kind": cache.info.get("kind"),
         "semi_synthetic": cache.semi_synthetic, "protocol": config.protocol, "folds": folds,
         "seconds_this_call": round(time.perf_counter() - started, 1), "config": config.to_dict(),
@@ -113,6 +117,11 @@ def cross_validate(
         f"wrote {out / 'oof.csv'} and {out / 'summary.md'}"
     )
     return summary
+
+
+def _training_seconds(run: Path) -> float:
+    """The epochs' wall time of a fold's run, whichever calls (first, resumed) ran them."""
+    return round(sum(row["seconds"] for row in read_rows_csv(run / METRICS_FILE)), 1)
 
 
 def pooled_summary(pooled: list[dict], per_fold: list[list[dict]]) -> dict:

@@ -31,6 +31,19 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float = 0
     return float(np.mean((np.asarray(probabilities) >= threshold) == np.asarray(labels).astype(bool)))
 
 
+def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The probability threshold of highest balanced accuracy (Youden's J) on these nodules."""
+    labels = np.asarray(labels).astype(bool)
+    candidates = np.unique(probabilities)
+    best, best_score = 0.5, -1.0
+    for threshold in candidates:
+        called = probabilities >= threshold
+        score = called[labels].mean() + (~called[~labels]).mean()
+        if score > best_score:
+            best, best_score = float(threshold), score
+    return best
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """Mean |observed frequency - mean probability| over equal-width bins, weighted by count."""
     probabilities = np.asarray(probabilities, dtype=np.float64)

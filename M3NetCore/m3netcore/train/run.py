@@ -37,7 +37,7 @@ from m3netcore.train import distributed
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource, split_cache
 from m3netcore.train.loop import fit_temperature
-from m3netcore.train.metrics import roc_auc
+from m3netcore.train.metrics import best_threshold, roc_auc
 from m3netcore.train.progress import ProgressBar
 from m3netcore.train.trainer import Trainer, predict_logits
 
@@ -173,19 +173,6 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: 
         + f"; wrote {out / MODEL_FILE}"
     )
     return summary
-
-
-def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The probability threshold of highest balanced accuracy (Youden's J) on these nodules."""
-    labels = np.asarray(labels).astype(bool)
-    candidates = np.unique(probabilities)
-    best, best_score = 0.5, -1.0
-    for threshold in candidates:
-        called = probabilities >= threshold
-        score = called[labels].mean() + (~called[~labels]).mean()
-        if score > best_score:
-            best, best_score = float(threshold), score
-    return best
 
 
 def model_card(summary: dict) -> str:

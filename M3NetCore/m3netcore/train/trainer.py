@@ -39,6 +39,7 @@ from m3netcore.train.metrics import roc_auc
 from m3netcore.train.progress import ProgressBar
 
 PLOT_EVERY_S = 60.0
+METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds",
                   "nodules_per_s")  # fmt: skip
 
@@ -234,7 +235,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best, "history": self.history,
                 "world_size": self.processes.world_size,
             })  # fmt: skip
-            write_text_atomic(self.out / "metrics.csv", rows_to_csv(self.history))
+            write_text_atomic(self.out / METRICS_FILE, rows_to_csv(self.history))
             if plot or time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
                 _plot(self.history, self.out)
                 self._plotted_at = time.monotonic()

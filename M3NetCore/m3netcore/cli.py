@@ -425,7 +425,7 @@ def _run_cv(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model
+    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model, seen_warning
 
     report = evaluate_model(
         args.model, args.data, fold=args.fold, out=args.out, protocol=args.protocol, device=args.device
@@ -437,6 +437,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         low, high = metrics[name]["ci"]
         print(f"  {name:<18} {metrics[name]['value']:.3f} (95% CI {low:.3f}-{high:.3f})")
     print(f"  {'ece':<18} {metrics['ece']:.3f}")
+    if report["seen_in_training"]:
+        print(f"m3net: warning: {seen_warning(report)}", file=sys.stderr)
     return 0
 
 

@@ -138,6 +138,17 @@ def test_evaluate_cli_on_a_model_file_defaults_to_its_held_out_fold(cv_folder, t
     assert "on fold 0" in printed and "balanced_accuracy" in printed and "95% CI" in printed
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["fold"] == 0 and report["metrics"]["nodules"] == 20
+    assert not report["seen_in_training"] and "Warning" not in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_evaluate_on_a_fold_the_model_trained_on_warns(cv_folder, two_fold_cache, tmp_path, capsys):
+    model_file = cv_folder / "fold-0" / "model.safetensors"
+    argv = ["evaluate", str(model_file), "--data", str(two_fold_cache), "--out", str(tmp_path / "e")]
+    assert main([*argv, "--fold", "1"]) == 0
+    warning = "fold 1 evaluated, and the model was trained on this cache with fold 0 held out: not a held-out test"
+    assert f"m3net: warning: {warning}" in capsys.readouterr().err
+    assert warning in (tmp_path / "e" / "report.md").read_text()
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["seen_in_training"] is True
 
 
 def test_cv_spread_over_two_worker_processes_matches_one_after_another(cv_folder, two_fold_cache, tmp_path, capfd):

@@ -110,8 +110,9 @@ def evaluate_model(
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
     cache = open_cache(data)
-    if fold is None and training.get("fold") is not None:
-        fold = int(training["fold"])
+    held_out = training.get("fold")
+    if fold is None and held_out is not None:
+        fold = int(held_out)
     if fold is not None and fold not in cache_folds(cache):
         raise M3NetInputError(f"--fold {fold} out of range: {cache.path} has folds {cache_folds(cache)}")
     column = f"label_{protocol}"
@@ -135,6 +136,9 @@ def evaluate_model(
         and Path(training["data"]).resolve() == Path(cache.path).resolve(),
         "metrics": metrics,
     }  # fmt: skip
+    # on its own cache a model is tested fairly only on the fold it held out
+    report["held_out_fold"] = held_out
+    report["seen_in_training"] = report["trained_on_this_data"] and (held_out is None or fold != int(held_out))
     rows = [
         {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"],
          "fold": cache.rows[i]["fold"], "label": int(y), "probability": round(float(p), 6), "called": int(c)}
@@ -182,6 +186,14 @@ def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, ou
         write_text_atomic(out / "predictions.csv", rows_to_csv(predictions))
 
 
+def seen_warning(report: dict) -> str:
+    """Why a report on nodules the model trained or was selected on is not a held-out test."""
+    where = "every nodule" if report.get("fold") is None else f"fold {report['fold']}"
+    return (f"{where} evaluated, and the model was trained on this cache with "
+            f"{'no fold' if report.get('held_out_fold') is None else 'fold ' + str(report['held_out_fold'])} held "
+            "out: not a held-out test")
+
+
 def markdown_report(report: dict) -> str:
     metrics = report["metrics"]
     where = "all labelled nodules" if report.get("fold") is None else f"fold {report['fold']}"
@@ -189,9 +201,8 @@ def markdown_report(report: dict) -> str:
     if report.get("semi_synthetic"):
         kind = report.get("data_kind")
         lines += [f"**SEMI-SYNTHETIC data ({kind}): these numbers are not about CT of patients.**", ""]
-    if report.get("fold") is None and report.get("trained_on_this_data"):
-        lines += ["**Warning: every nodule evaluated, and the model was trained on this cache: "
-                  "not a held-out test.**", ""]
+    if report.get("seen_in_training"):
+        lines += [f"**Warning: {seen_warning(report)}**", ""]
     lines += [
         f"- Data: `{report['data']}` ({report.get('data_kind')}), {where}, protocol {report['protocol']}",
         f"- {metrics['nodules']} nodules ({metrics['malignant']} malignant) of {metrics['patients']} patients",

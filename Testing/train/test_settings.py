@@ -19,12 +19,16 @@ def test_config_files_json_and_toml_give_the_same_settings(tmp_path):
     from_json, from_toml = read_config(tmp_path / "a.json"), read_config(tmp_path / "a.toml")
     assert from_json == from_toml == RunConfig(epochs=3, mi_weight=0.0, model_config={"dropout": 0.1})
     assert from_json.replace(epochs=None, seed=4).epochs == 3  # None leaves a setting alone
+    assert RunConfig.from_dict({"learning_rate": 1}).learning_rate == 1.0  # a whole number is a fine rate
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [({"epochs": 0}, "epochs must be positive"), ({"protocol": "x"}, "unknown label protocol"),
-     ({"max_scale_change": 1.5}, "max_scale_change"), ({"batch": 3}, "unknown training setting")],
+     ({"max_scale_change": 1.5}, "max_scale_change"), ({"batch": 3}, "unknown training setting"),
+     ({"epochs": 1.5}, "epochs must be a whole number, got 1.5"), ({"flip": "no"}, "flip must be true or false"),
+     ({"seed": True}, "seed must be a whole number"), ({"learning_rate": "fast"}, "learning_rate must be a number"),
+     ({"model_config": [1]}, "model_config must be a mapping")],
 )  # fmt: skip
 def test_bad_settings_name_the_value(values, message):
     with pytest.raises(M3NetInputError, match=message):

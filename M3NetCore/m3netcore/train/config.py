@@ -11,6 +11,9 @@ from pathlib import Path
 from m3netcore.data.labels import DEFAULT_PROTOCOL, check_protocol
 from m3netcore.errors import M3NetInputError
 
+_KIND_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a mapping"}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -64,6 +67,7 @@ class RunConfig:
     model_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                     "mi_temperature": self.mi_temperature, "log_every": self.log_every}  # fmt: skip
         for name, value in positive.items():
@@ -81,8 +85,16 @@ class RunConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         check_protocol(self.protocol)
-        if not isinstance(self.model_config, dict):
-            raise ValueError(f"model_config must be a mapping, got {self.model_config!r}")
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong kind (``epochs: 1.5``, ``flip: "no"``); an int is a fine float."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}[f.type]
+            if not isinstance(value, kind) or (isinstance(value, bool) and f.type != "bool"):
+                raise ValueError(f"{f.name} must be {_KIND_NAMES[f.type]}, got {value!r}")
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(value))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -439,6 +439,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"  {'ece':<18} {metrics['ece']:.3f}")
     if report["seen_in_training"]:
         print(f"m3net: warning: {seen_warning(report)}", file=sys.stderr)
+    if "figures_missing" in report:
+        print(f"m3net: {report['figures_missing']}", file=sys.stderr)
     return 0
 
 

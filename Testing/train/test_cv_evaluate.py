@@ -188,3 +188,21 @@ def test_cv_takes_device_or_devices_not_both(two_fold_cache, tmp_path, capsys):
     argv = ["cv", "--data", str(two_fold_cache), "--out", str(tmp_path / "cv"), "--device", "cpu"]
     assert main([*argv, "--devices", "cpu,cpu"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_without_matplotlib_evaluate_says_why_there_are_no_figures(cv_folder, two_fold_cache, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    import sys
+
+    import m3netcore.train
+    from m3netcore.train.trainer import _plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as without the extra
+    monkeypatch.setitem(sys.modules, "m3netcore.train.plots", None)
+    monkeypatch.delattr(m3netcore.train, "plots", raising=False)
+    model_file = cv_folder / "fold-0" / "model.safetensors"
+    assert main(["evaluate", str(model_file), "--data", str(two_fold_cache), "--out", str(tmp_path / "e")]) == 0
+    assert "m3net: no PNG figures: they need matplotlib (pip install 'm3net-core[report]')" in capsys.readouterr().err
+    assert not list((tmp_path / "e").glob("*.png")) and "need matplotlib" in (tmp_path / "e" / "report.md").read_text()
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["figures"] == []
+    assert _plot([], tmp_path) is False and not (tmp_path / "curves.png").exists()

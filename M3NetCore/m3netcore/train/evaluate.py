@@ -24,6 +24,7 @@ from m3netcore.data.cache import open_cache
 from m3netcore.data.labels import DEFAULT_PROTOCOL, check_protocol
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.train import NO_FIGURES
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import ViewSource, cache_folds
 from m3netcore.train.metrics import expected_calibration_error, roc_auc
@@ -144,8 +145,7 @@ def evaluate_model(
          "fold": cache.rows[i]["fold"], "label": int(y), "probability": round(float(p), 6), "called": int(c)}
         for i, y, p, c in zip(chosen, labels, probabilities, called, strict=True)
     ]  # fmt: skip
-    write_report(report, probabilities, labels, out, predictions=rows)
-    return report
+    return write_report(report, probabilities, labels, out, predictions=rows)
 
 
 @torch.inference_mode()
@@ -162,8 +162,11 @@ def predict_probabilities(model: Model, cache, indices: np.ndarray, *, device: t
 
 
 def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, out: str | os.PathLike,
-                 *, predictions: Sequence[dict] | None = None) -> None:  # fmt: skip
-    """``report.json``, ``report.md``, ``predictions.csv`` and the figures (when matplotlib is there)."""
+                 *, predictions: Sequence[dict] | None = None) -> dict:  # fmt: skip
+    """``report.json``, ``report.md``, ``predictions.csv`` and the figures (when matplotlib is there).
+
+    Returns the report as written: with the figures' names, or why there are none.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = report["metrics"]
@@ -179,11 +182,12 @@ def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, ou
         plots.plot_reliability(probabilities, labels, metrics["ece"], out / "reliability.png")
         plots.plot_confusion(np.asarray(metrics["confusion"]), report.get("threshold", 0.5), out / "confusion.png")
         figures += ["reliability.png", "confusion.png"]
-    report = report | {"figures": figures}
+    report = report | {"figures": figures} | ({} if plots is not None else {"figures_missing": NO_FIGURES})
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
     write_text_atomic(out / "report.md", markdown_report(report))
     if predictions:
         write_text_atomic(out / "predictions.csv", rows_to_csv(predictions))
+    return report
 
 
 def seen_warning(report: dict) -> str:
@@ -222,6 +226,8 @@ def markdown_report(report: dict) -> str:
         "",
     ]
     lines += [f"![{Path(f).stem}]({f})" for f in report.get("figures", [])]
+    if "figures_missing" in report:
+        lines.append(f"({report['figures_missing']})")
     return "\n".join(lines) + "\n"
 
 

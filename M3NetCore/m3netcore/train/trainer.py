@@ -31,7 +31,7 @@ from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.losses import scale_vote_loss
 from m3netcore.models.registry import build_model
-from m3netcore.train import distributed
+from m3netcore.train import NO_FIGURES, distributed
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
@@ -237,7 +237,8 @@ class Trainer:
             })  # fmt: skip
             write_text_atomic(self.out / METRICS_FILE, rows_to_csv(self.history))
             if plot or time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
-                _plot(self.history, self.out)
+                if not _plot(self.history, self.out) and self._plotted_at == -math.inf:
+                    self.say(f"{NO_FIGURES}; {METRICS_FILE} has the numbers")
                 self._plotted_at = time.monotonic()
             self.say(
                 f"epoch {epoch}/{config.epochs}: loss {row['train_loss']:.4f} (bce {row['bce_loss']:.4f}, "
@@ -305,9 +306,11 @@ def cpu_state(network: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in network.state_dict().items()}
 
 
-def _plot(history: list[dict], out: Path) -> None:
+def _plot(history: list[dict], out: Path) -> bool:
+    """Draw ``curves.png``; False when matplotlib (the [report] extra) is not installed."""
     try:
         from m3netcore.train.plots import plot_curves
-    except ImportError:  # matplotlib is the [report] extra; the CSV has the numbers anyway
-        return
+    except ImportError:
+        return False
     plot_curves(history, out / "curves.png")
+    return True

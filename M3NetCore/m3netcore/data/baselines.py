@@ -56,6 +56,8 @@ def reference_rows(
         raise M3NetInputError(f"protocol {protocol} leaves {labels.size} nodules of one class: nothing to separate")
     folds = np.asarray([r["fold"] for r in kept], dtype=int)
     patients = np.asarray([r["patient_id"] for r in kept])
+    import sklearn.linear_model  # noqa: F401  (imported here, so that the fits' times leave out the import)
+
     table = []
     for name, features in REFERENCE_MODELS.items():
         if models is not None and name not in models:

@@ -66,6 +66,40 @@ def test_interrupted_then_resumed_run_ends_bitwise_identical(tiny_cache, tmp_pat
     assert straight["test_auc"] > 0.8
 
 
+def test_a_training_process_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tiny_cache, tmp_path):
+    """SIGKILL in the middle of epoch 2 (no clean stop, no handler runs); --resume redoes epoch 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    settings = tmp_path / "quick.json"
+    settings.write_text(json.dumps(QUICK.replace(log_every=1).to_dict()))
+    argv = ["train", "--data", str(tiny_cache), "--model", "m3net", "--fold", "0", "--config", str(settings),
+            "--device", "cpu", "--out", str(tmp_path / "killed")]  # fmt: skip
+    unbuffered = os.environ | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "m3netcore.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=unbuffered)  # fmt: skip
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2/3 step 2/"):  # epoch 1's checkpoint is written; epoch 2 is under way
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    assert load_checkpoint(tmp_path / "killed" / CHECKPOINT_FILE)["epoch"] == 1
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    assert main([*argv[:-2], "--out", str(tmp_path / "killed"), "--resume"]) == 0
+
+    straight = train_run(tiny_cache, "m3net", 0, tmp_path / "straight", QUICK, device="cpu", log=lambda _: None)
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    model = load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(model[k], resumed[k]) for k in model)
+    training = load_model(tmp_path / "killed" / "model.safetensors").metadata["training"]
+    assert training["best_epoch"] == straight["best_epoch"]
+
+
 def test_run_writes_metrics_plot_and_a_loadable_model_with_its_card(tiny_cache, tmp_path):
     run = tmp_path / "run"
     summary = train_run(tiny_cache, "m3net", 1, run, QUICK.replace(epochs=2), device="cpu", log=lambda _: None)

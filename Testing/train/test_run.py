@@ -234,3 +234,25 @@ def test_curves_are_drawn_after_the_last_epoch_before_a_stop_and_otherwise_at_mo
     train_run(tiny_cache, "m3net", 0, tmp_path / "stopped", QUICK, stop_after_epoch=2, device="cpu",
               log=lambda _: None)  # fmt: skip
     assert drawn == [1, 2] and (tmp_path / "stopped" / "curves.png").stat().st_size > 5000
+
+
+def test_malignant_nodules_weigh_benign_count_over_malignant_count_in_the_loss(tiny_cache, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from m3netcore.crops import default_preprocessing
+    from m3netcore.train.dataset import ViewSource
+    from m3netcore.train.distributed import Processes
+    from m3netcore.train.trainer import Trainer
+
+    cache = open_cache(tiny_cache)
+    split = split_cache(cache, "mean-excl3", 0, seed=QUICK.seed)
+    malignant = split.train[split.labels_of(split.train) == 1]
+    fewer = np.sort(np.concatenate([split.train[split.labels_of(split.train) == 0], malignant[:4]]))
+    split = dataclasses.replace(split, train=fewer)  # 4 malignant among the benign: the weight is far from 1
+    labels = split.labels_of(split.train)
+    source = ViewSource(cache, default_preprocessing(), QUICK, torch.device("cpu"))
+    trainer = Trainer("m3net", split, source, QUICK, Processes(), tmp_path, lambda _: None)
+    assert labels.sum() == 4 and len(labels) > 12
+    assert float(trainer.positive_weight) == pytest.approx(np.sum(labels == 0) / 4)

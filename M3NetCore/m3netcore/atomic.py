@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -18,6 +19,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     is created with the permissions a plain ``open`` gives and synced to disk before the move.
     """
     final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(final))
+    blocking = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, so {final} cannot be written", str(blocking))
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes) or ".tmp"
     base = final.name[: len(final.name) - len("".join(final.suffixes))] or "file"

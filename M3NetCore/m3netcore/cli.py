@@ -27,8 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)
-    except (M3NetInputError, OSError) as err:  # OSError: unreadable input, unwritable output
+    except M3NetInputError as err:
         print(f"m3net: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # unreadable input, unwritable output: the path and the reason, in a user's words
+        where = err.filename2 or err.filename  # a move into place names its final path second
+        print(f"m3net: error: {f'{where}: {err.strerror}' if where and err.strerror else err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("m3net: interrupted", file=sys.stderr)
@@ -189,11 +193,13 @@ def _add_training_commands(commands) -> None:
     )
     throughput.add_argument("--models", nargs="+", default=["m3net", "resnet18x3"], metavar="ARCH")
     throughput.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    throughput.add_argument("--batch", type=int, default=32, help="m3net batch (default 32, the training default)")
+    throughput.add_argument("--batch", type=int, default=32,
+                            help="batch of every model but resnet18x3 (default 32, the training default)")
     throughput.add_argument("--resnet-batch", type=int, default=2, help="resnet18x3 batch (default 2 on a CPU)")
     throughput.add_argument("--steps", type=int, default=5, help="steps per timed window")
     throughput.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
-    throughput.add_argument("--count", type=int, default=256, help="nodules of random cubes")
+    throughput.add_argument("--count", type=int, default=None,
+                            help="nodules of random cubes (default 256; not with --data, whose nodules are used)")
     throughput.add_argument("--data", metavar="CACHE", help="use a cache's cubes instead of random ones")
     throughput.set_defaults(run=_run_throughput)
     accuracy = benchmark_commands.add_parser(
@@ -444,7 +450,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_dir(out: str) -> None:
+def _check_out_dir(out: str, option: str = "--out") -> None:
     """Refuse an output path that cannot become a folder before any work is done."""
     from pathlib import Path
 
@@ -454,7 +460,22 @@ def _check_out_dir(out: str) -> None:
     for candidate in (path, *path.parents):
         if candidate.exists():
             if not candidate.is_dir():
-                raise M3NetInputError(f"--out {out}: {candidate} exists and is not a folder")
+                raise M3NetInputError(f"{option} {out}: {candidate} exists and is not a folder")
+            return
+
+
+def _check_out_file(out: str, option: str) -> None:
+    """Refuse an output file path that a folder is in the way of, before any work is done."""
+    from pathlib import Path
+
+    from m3netcore.errors import M3NetInputError
+
+    if Path(out).is_dir():
+        raise M3NetInputError(f"{option} {out} is a folder, not a file")
+    for candidate in Path(out).parents:
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise M3NetInputError(f"{option} {out}: {candidate} exists and is not a folder")
             return
 
 
@@ -495,15 +516,20 @@ def _run_throughput(args: argparse.Namespace) -> int:
     for name in args.models:
         if name not in ARCHITECTURES:
             raise M3NetInputError(f"unknown model {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    for option in ("batch", "resnet_batch", "steps", "windows", "count"):
+    if args.count is not None and args.data:
+        raise M3NetInputError("--count sets how many random cubes to make; with --data the cache's nodules are used")
+    count = 256 if args.count is None else args.count
+    for option in ("batch", "resnet_batch", "steps", "windows"):
         if getattr(args, option) < 1:
             raise M3NetInputError(f"--{option.replace('_', '-')} must be at least 1")
+    if count < 1:
+        raise M3NetInputError("--count must be at least 1")
     torch.manual_seed(0)
     rows = []
     for name in args.models:
-        batch = args.batch if name == "m3net" else args.resnet_batch
+        batch = args.resnet_batch if name == "resnet18x3" else args.batch
         rows.append(measure(name, device, batch=batch, steps=args.steps, windows=args.windows, warmup=1,
-                            count=args.count, data=args.data))  # fmt: skip
+                            count=count, data=args.data))  # fmt: skip
         print(f"{name}: {rows[-1]['nodules_per_s']:.1f} nodules/s", flush=True)
     print(table(rows, device))
     return 0
@@ -524,6 +550,9 @@ def _run_accuracy(args: argparse.Namespace) -> int:
         config = (read_config(args.config) if args.config else RunConfig()).replace(epochs=args.epochs)
     except ValueError as err:
         raise M3NetInputError(str(err)) from err
+    _check_out_dir(args.out)
+    if args.json:
+        _check_out_file(args.json, "--json")  # before hours of training, not after
     rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device,
                           jobs=args.jobs, extra_data=args.extra_data)
     document = json.loads((Path(args.out) / "table.json").read_text(encoding="utf-8"))

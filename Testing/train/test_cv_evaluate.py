@@ -206,3 +206,19 @@ def test_without_matplotlib_evaluate_says_why_there_are_no_figures(cv_folder, tw
     assert not list((tmp_path / "e").glob("*.png")) and "need matplotlib" in (tmp_path / "e" / "report.md").read_text()
     assert json.loads((tmp_path / "e" / "report.json").read_text())["figures"] == []
     assert _plot([], tmp_path) is False and not (tmp_path / "curves.png").exists()
+
+
+def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder, two_fold_cache, tmp_path, capsys):
+    import shutil
+
+    from .test_damaged_inputs import _copy_cache
+
+    folder = tmp_path / "cv"
+    shutil.copytree(cv_folder, folder)
+    argv = ["cv", "--data", str(two_fold_cache), "--out", str(folder), "--device", "cpu"]
+    assert main([*argv, "--model", "single-micro"]) == 2  # finished m3net folds would be pooled as single-micro's
+    assert "fold-0 is another run: its architecture 'm3net' (given 'single-micro')" in capsys.readouterr().err
+    elsewhere = _copy_cache(two_fold_cache, tmp_path / "other-cache")
+    assert main(["cv", "--data", str(elsewhere), "--out", str(folder), "--device", "cpu"]) == 2
+    assert f"fold-0 is another run: its data '{two_fold_cache.resolve()}'" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in cv_folder.iterdir())  # nothing written

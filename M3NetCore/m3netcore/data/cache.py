@@ -207,6 +207,8 @@ def open_cache(path: str | os.PathLike) -> Cache:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise M3NetInputError(f"{info_path} is corrupt: {err}") from err
+    if not isinstance(info, dict):
+        raise M3NetInputError(f"{info_path} is corrupt: not a mapping")
     if info.get("format") != FORMAT_NAME or info.get("format_version") != FORMAT_VERSION:
         raise M3NetInputError(
             f"{path} is cache format {info.get('format')} v{info.get('format_version')}; "
@@ -214,7 +216,12 @@ def open_cache(path: str | os.PathLike) -> Cache:
         )
     if not isinstance(info.get("pyramid"), list) or not (path / "manifest.csv").is_file():
         raise M3NetInputError(f"{path} is an incomplete cache (no pyramid description or manifest.csv)")
+    for entry in info["pyramid"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _is_grid(entry.get("grid"))
+                and _is_grid(entry.get("field_of_view_mm"), kind=(int, float))):  # fmt: skip
+            raise M3NetInputError(f"{info_path} is corrupt: a pyramid entry without name, grid or field of view")
     rows = read_rows_csv(path / "manifest.csv")
+    _check_rows(rows, path / "manifest.csv")
     pyramids = {}
     for entry in info["pyramid"]:
         file = path / f"pyramid_{entry['name']}.npy"
@@ -225,3 +232,39 @@ def open_cache(path: str | os.PathLike) -> Cache:
         if pyramids[entry["name"]].shape != (len(rows), *entry["grid"][::-1]):
             raise M3NetInputError(f"{file} holds {pyramids[entry['name']].shape}, not {len(rows)} cubes")
     return Cache(path=path, info=info, rows=rows, pyramids=pyramids)
+
+
+def cache_digest(cache: Cache) -> str:
+    """SHA-256 of what a run on ``cache`` depends on: each cube's nodule, patient, fold and labels, and the grids.
+
+    A cache rebuilt at the same path with other nodules, folds or labels has another digest.
+    """
+    import hashlib
+
+    columns = sorted({k for row in cache.rows for k in row if k.startswith("label_")} | {"nodule_id", "patient_id",
+                                                                                          "fold"})  # fmt: skip
+    table = [[row.get(c) for c in columns] for row in cache.rows]
+    text = json.dumps({"columns": columns, "rows": table, "pyramid": cache.info["pyramid"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_grid(value: object, kind: type | tuple[type, ...] = int) -> bool:
+    """Three positive numbers (``bool`` is not a number here)."""
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in value))  # fmt: skip
+
+
+def _check_rows(rows: list[dict], manifest: Path) -> None:
+    """Every nodule named, of a patient, in a whole-number fold (or none), with labels 0, 1 or none."""
+    for number, row in enumerate(rows, start=2):
+        problem = None
+        if row.get("nodule_id") is None or row.get("patient_id") is None:
+            problem = "no nodule_id or patient_id"
+        elif not (row.get("fold") is None or isinstance(row["fold"], int)):
+            problem = f"fold {row['fold']!r} is not a whole number"
+        else:
+            bad = [k for k, v in row.items() if k.startswith("label_") and v not in (None, 0, 1)]
+            if bad:
+                problem = f"{bad[0]} is {row[bad[0]]!r}, not 0, 1 or empty"
+        if problem:
+            raise M3NetInputError(f"{manifest} line {number}: {problem}")

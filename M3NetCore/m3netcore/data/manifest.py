@@ -52,7 +52,10 @@ def nodule_rows(nodules: Sequence[Nodule]) -> list[dict]:
         }
         row |= {f"mean_{name}": round(nodule.mean_rating(name), 4) for name in OTHER_RATINGS}
         row |= {f"{name}_ratings": ";".join(str(r) for r in nodule.ratings[name]) for name in OTHER_RATINGS}
-        row |= {f"label_{p}": malignancy_label(malignancy, p) for p in PROTOCOLS}
+        try:
+            row |= {f"label_{p}": malignancy_label(malignancy, p) for p in PROTOCOLS}
+        except ValueError as err:  # a rating outside 1..5 in the database
+            raise M3NetInputError(f"nodule {nodule.nodule_id}: {err}") from err
         rows.append(row)
     strata = [int(np.clip(round(r["malignancy_mean"]), 1, 5)) for r in rows]
     try:
@@ -105,9 +108,25 @@ def write_rows_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def read_rows_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows as written by :func:`write_rows_csv`, numbers parsed back, empty cells ``None``."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    """Rows as written by :func:`write_rows_csv`, numbers parsed back, empty cells ``None``.
+
+    Raises:
+        M3NetInputError: a row with more or fewer cells than the header (a cut-off file),
+            or a file that is not UTF-8 text.
+    """
+    missing = object()
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, restval=missing)
+            for number, row in enumerate(reader, start=2):
+                if None in row or any(v is missing for v in row.values()):
+                    raise M3NetInputError(f"{path} line {number} does not have the header's "
+                                          f"{len(reader.fieldnames)} cells (a cut-off or damaged file?)")  # fmt: skip
+                rows.append({k: _parse(v) for k, v in row.items()})
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise M3NetInputError(f"{path} is not a readable CSV table: {err}") from err
+    return rows
 
 
 def label_counts(rows: Sequence[dict]) -> dict[str, dict[str, int]]:

@@ -43,7 +43,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not usable"
-        raise M3NetInputError(f"{path} is not a readable training checkpoint: {err}") from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch adds lines of advice
+        raise M3NetInputError(f"{path} is not a readable training checkpoint: {first_line}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
         raise M3NetInputError(f"{path} is not an m3net training checkpoint")
     if state.get("format_version") != FORMAT_VERSION:

@@ -116,12 +116,32 @@ class RunConfig:
             raise M3NetInputError(f"bad training setting: {err}") from err
 
 
+def read_json_mapping(path: str | os.PathLike) -> dict:
+    """The JSON object in a file that m3net wrote (a run's settings, a fold's identity).
+
+    Raises:
+        M3NetInputError: the file is missing, unreadable, cut off or not a JSON object.
+    """
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise M3NetInputError(f"{path} is missing or damaged: {err}") from err
+    if not isinstance(values, dict):
+        raise M3NetInputError(f"{path} is damaged: not a JSON object")
+    return values
+
+
 def read_config(path: str | os.PathLike) -> RunConfig:
     """A :class:`RunConfig` from a JSON or TOML file (keys as the fields of :class:`RunConfig`)."""
     path = Path(path)
     if not path.is_file():
         raise M3NetInputError(f"no config file {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".json", ".toml"):
+        raise M3NetInputError(f"{path}: config files are JSON (.json) or TOML (.toml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise M3NetInputError(f"{path} is not UTF-8 text: {err}") from err
     try:
         if path.suffix.lower() == ".toml":
             try:
@@ -132,7 +152,7 @@ def read_config(path: str | os.PathLike) -> RunConfig:
         else:
             values = json.loads(text)
     except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise M3NetInputError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from err
+        raise M3NetInputError(f"{path} is not valid {path.suffix.lstrip('.').upper()}: {err}") from err
     if not isinstance(values, dict):
         raise M3NetInputError(f"{path} must hold a mapping of settings")
     return RunConfig.from_dict(values)

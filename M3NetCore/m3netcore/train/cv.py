@@ -30,11 +30,11 @@ from m3netcore.data.cache import open_cache
 from m3netcore.data.manifest import read_rows_csv, rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.train.checkpointing import CHECKPOINT_FILE
-from m3netcore.train.config import RunConfig
+from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import cache_folds
 from m3netcore.train.evaluate import CALLED_METRICS, classification_metrics
 from m3netcore.train.metrics import roc_auc
-from m3netcore.train.run import MODEL_FILE, train_run
+from m3netcore.train.run import MODEL_FILE, check_same_run, train_run
 from m3netcore.train.trainer import METRICS_FILE
 from m3netcore.train.workers import DevicePool, tagged_print
 
@@ -74,6 +74,8 @@ def cross_validate(
     pending = []
     for fold in folds:
         run = out / f"fold-{fold}"
+        if (run / "split.json").is_file():  # a fold begun or finished earlier: the same model, data and cache?
+            check_same_run(run, model_name, fold, cache, doing="m3net cv")
         if (run / MODEL_FILE).is_file():
             log(f"fold {fold}: finished earlier ({run / MODEL_FILE})")
             continue
@@ -171,7 +173,7 @@ def _cv_config(out: Path, config: RunConfig | None) -> RunConfig:
     """The settings of the cross-validation in ``out``: given ones for a new folder, the stored ones to continue."""
     stored_path = out / "cv-config.json"
     if stored_path.is_file():
-        stored = RunConfig.from_dict(json.loads(stored_path.read_text(encoding="utf-8")))
+        stored = RunConfig.from_dict(read_json_mapping(stored_path))
         if config is not None and config != stored:
             changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
             raise M3NetInputError(f"{out} holds a cross-validation with other settings ({', '.join(changed)})")

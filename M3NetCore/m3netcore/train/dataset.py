@@ -77,6 +77,8 @@ def split_cache(cache: Cache, protocol: str, fold: int | None, *, validation_fol
         raise M3NetInputError(f"--fold {fold} out of range: {cache.path} has folds {folds[0]}..{folds[-1]}")
     column = f"label_{protocol}"
     labelled = [(i, row) for i, row in enumerate(cache.rows) if row.get(column) is not None]
+    if not labelled:
+        raise M3NetInputError(f"{cache.path} has no {protocol} labels (column {column})")
     labels = {i: int(row[column]) for i, row in labelled}
     test = np.asarray([i for i, row in labelled if fold is not None and row["fold"] == fold], dtype=np.int64)
     rest = [(i, row) for i, row in labelled if fold is None or row["fold"] != fold]

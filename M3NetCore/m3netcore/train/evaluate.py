@@ -93,6 +93,8 @@ def evaluate_model(
     from m3netcore.predict import resolve_device
 
     source_path = Path(model_or_run)
+    if not source_path.exists():
+        raise M3NetInputError(f"no run folder or model file {source_path}")
     if source_path.is_dir():
         model_path = source_path / "model.safetensors"
         if not model_path.is_file():

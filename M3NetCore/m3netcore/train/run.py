@@ -29,12 +29,12 @@ import torch
 
 from m3netcore.atomic import write_text_atomic
 from m3netcore.checkpoint import Model, save_model
-from m3netcore.data.cache import Cache, open_cache
+from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.models.registry import architecture, build_model
 from m3netcore.train import distributed
-from m3netcore.train.config import RunConfig
+from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import Split, ViewSource, split_cache
 from m3netcore.train.loop import fit_temperature
 from m3netcore.train.metrics import best_threshold, roc_auc
@@ -85,7 +85,7 @@ def train_run(
         raise M3NetInputError(str(err)) from err
     cache = open_cache(data)
     if resume:
-        _check_same_run(out, model_name, fold, cache)
+        check_same_run(out, model_name, fold, cache)
     split = split_cache(cache, config.protocol, fold, validation_folds=config.validation_folds, seed=config.seed)
     processes = distributed.start(resolve_device(device))
     try:
@@ -109,8 +109,8 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int | None, out: P
     elif processes.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        identity = {"fold": fold, "architecture": model_name, "data": str(Path(cache.path).resolve())}
-        write_text_atomic(out / "split.json", json.dumps(split.describe() | identity, indent=2) + "\n")
+        write_text_atomic(out / "split.json", json.dumps(split.describe() | run_identity(model_name, fold, cache),
+                                                         indent=2) + "\n")  # fmt: skip
     counts = split.describe()
     say(
         f"{model_name} {_fold_name(fold)} ({config.protocol}): train {counts['train']['nodules']} "
@@ -216,7 +216,7 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
         saved = out / "config.json"
         if not saved.is_file():
             raise M3NetInputError(f"--resume: {out} holds no run (no config.json)")
-        stored = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        stored = RunConfig.from_dict(read_json_mapping(saved))
         if config is not None and config != stored:
             changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
             raise M3NetInputError(f"--resume keeps the run's own settings; these differ: {', '.join(changed)}")
@@ -232,17 +232,31 @@ def _fold_name(fold: int | None) -> str:
     return "all folds" if fold is None else f"fold {fold}"
 
 
-def _check_same_run(out: Path, model_name: str, fold: int | None, cache: Cache) -> None:
-    """``--resume`` must name the run's own fold, model and data: another fold would train on the test fold."""
+def run_identity(model_name: str, fold: int | None, cache: Cache) -> dict:
+    """What makes a run folder this run: fold, model, the cache's path and content (``split.json``)."""
+    return {"fold": fold, "architecture": model_name, "data": str(Path(cache.path).resolve()),
+            "cache_digest": cache_digest(cache)}  # fmt: skip
+
+
+def check_same_run(out: Path, model_name: str, fold: int | None, cache: Cache, *, doing: str = "--resume") -> None:
+    """Continuing ``out`` must be with its own fold, model and data: another fold would train on the test fold.
+
+    A cache rebuilt in place with other nodules, folds or labels is another cache too. Runs
+    written before the cache digest was kept are checked without it.
+    """
     saved = out / "split.json"
     if not saved.is_file():
-        raise M3NetInputError(f"--resume: {out} holds no run (no split.json)")
-    stored = json.loads(saved.read_text(encoding="utf-8"))
-    given = {"fold": fold, "architecture": model_name, "data": str(Path(cache.path).resolve())}
+        raise M3NetInputError(f"{doing}: {out} holds no run (no split.json)")
+    stored = read_json_mapping(saved)
+    given = run_identity(model_name, fold, cache)
+    if "cache_digest" not in stored:
+        given.pop("cache_digest")
     differ = [f"{key} {stored.get(key)!r} (given {value!r})" for key, value in given.items()
-              if stored.get(key) != value]  # fmt: skip
+              if stored.get(key) != value and key != "cache_digest"]  # fmt: skip
+    if stored.get("cache_digest", given.get("cache_digest")) != given.get("cache_digest"):
+        differ.append(f"cache {cache.path} has changed since (other nodules, folds, labels or cubes)")
     if differ:
-        raise M3NetInputError(f"--resume: {out} is another run: its {'; '.join(differ)}")
+        raise M3NetInputError(f"{doing}: {out} is another run: its {'; '.join(differ)}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -7,6 +7,10 @@ Prints two tables for a batch of views (default 32, the training batch):
    the ratio of backward to forward speed (the forward is the baseline, in the same process).
 2. A profile of whole training steps (forward, loss, backward, AdamW): the operators that
    take the most time and their share.
+3. Narrower encoders than the default, each timed like ``m3net benchmark throughput``
+   (random HU cubes, the trainer's views and noise): the whole step and the network alone,
+   with each one's speed against the default's, measured in the same process. This is
+   what a cheaper default network would buy on this machine.
 
 Run: ``python benchmarks/cpu_step_profile.py [--batch 32] [--threads N]``.
 """
@@ -21,7 +25,16 @@ import torch
 from torch import nn
 
 from m3netcore.checkpoint import Model
-from m3netcore.train.throughput import training_loss
+from m3netcore.summary import model_summary
+from m3netcore.train.throughput import measure, training_loss
+
+# (stem width, stage widths) of the M3Net encoders to time; the first is the default.
+ENCODERS = (
+    (24, (32, 48)),
+    (16, (24, 32)),
+    (16, (16, 32)),
+    (16, (32,)),
+)
 
 
 def main() -> None:
@@ -40,6 +53,8 @@ def main() -> None:
     print(_convolution_table(network, args.batch, args.repeats))
     print()
     print(_step_profile(network, model.preprocessing, args.batch))
+    print()
+    print(_encoder_table(args.batch))
 
 
 def _convolution_table(network: nn.Module, batch: int, repeats: int) -> str:
@@ -109,6 +124,25 @@ def _step_profile(network: nn.Module, preprocessing, batch: int) -> str:
     for event in averages[:8]:
         lines.append(f"{event.key:<44} {event.self_cpu_time_total / total:>6.1%} "
                      f"{event.self_cpu_time_total / 5 / 1e3:>8.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _encoder_table(batch: int) -> str:
+    """Whole training steps and the network alone for narrower encoders, against the default."""
+    lines = [f"{'stem, stages':<16} {'params':>8} {'GFLOP':>6} {'step nodules/s':>15} {'network only':>13} "
+             f"{'step x default':>15} {'network x default':>18}"]  # fmt: skip
+    baseline = None
+    for stem, widths in ENCODERS:
+        config = {"stem_width": stem, "widths": widths}
+        summary = model_summary(Model.untrained("m3net", config))
+        row = measure("m3net", torch.device("cpu"), batch=batch, steps=3, config=config)
+        baseline = baseline or row
+        lines.append(f"{f'{stem}, {widths}':<16} {summary['parameters']:>8,} {summary['gflops']:>6.3f} "
+                     f"{row['nodules_per_s']:>15.1f} {row['network_per_s']:>13.1f} "
+                     f"{row['nodules_per_s'] / baseline['nodules_per_s']:>15.2f} "
+                     f"{row['network_per_s'] / baseline['network_per_s']:>18.2f}")  # fmt: skip
+    lines.append("(GFLOP: one nodule's forward; step: views (resampling, noise, window) + network; "
+                 "first row: the default)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -69,10 +69,13 @@ class Model:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
     @classmethod
-    def untrained(cls, architecture_name: str) -> Model:
-        """A freshly initialised network with its architecture's default preprocessing."""
+    def untrained(cls, architecture_name: str, config: dict | None = None) -> Model:
+        """A freshly initialised network with its architecture's default preprocessing.
+
+        ``config``: field values over the architecture's default config (:func:`build_model`).
+        """
         return cls(
-            network=build_model(architecture_name),
+            network=build_model(architecture_name, config),
             architecture=architecture_name,
             preprocessing=architecture(architecture_name).preprocessing(),
         )

@@ -51,9 +51,12 @@ def random_transforms(batch: int, device: torch.device, *, max_rotation_deg: flo
 
 
 def measure(name: str, device: torch.device, *, batch: int, steps: int, windows: int = 3, warmup: int = 2,
-            count: int = 256, data: str | None = None) -> dict:  # fmt: skip
-    """Median nodules per second of training steps of architecture ``name`` on ``device``."""
-    model = Model.untrained(name)
+            count: int = 256, data: str | None = None, config: dict | None = None) -> dict:  # fmt: skip
+    """Median nodules per second of training steps of architecture ``name`` on ``device``.
+
+    ``config``: field values over the architecture's default config (e.g. narrower encoders).
+    """
+    model = Model.untrained(name, config)
     network = model.network.to(device).train()
     preprocessing = model.preprocessing
     stored = pyramid_specs(preprocessing)
@@ -64,7 +67,8 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
         stored_grids = {entry["name"]: tuple(entry["grid"]) for entry in cache.info["pyramid"]}
         if any(stored_grids.get(spec.name) != tuple(spec.grid) for spec in stored):
             raise M3NetInputError(f"the cache {data} does not hold the cubes {name} needs; leave --data out")
-        cubes = [torch.from_numpy(np.asarray(cache.pyramids[spec.name]))[:, None].to(device) for spec in stored]
+        # np.array: a writable copy of the read-only memory map, as torch.from_numpy wants
+        cubes = [torch.from_numpy(np.array(cache.pyramids[spec.name]))[:, None].to(device) for spec in stored]
         source = "cache"
     else:
         generator = torch.Generator(device=device).manual_seed(0)

@@ -222,3 +222,23 @@ def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder
     assert main(["cv", "--data", str(elsewhere), "--out", str(folder), "--device", "cpu"]) == 2
     assert f"fold-0 is another run: its data '{two_fold_cache.resolve()}'" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in cv_folder.iterdir())  # nothing written
+
+
+def test_subgroups_script_splits_the_out_of_fold_predictions_by_a_manifest_column(cv_folder, two_fold_cache):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "subgroups.py"
+    done = subprocess.run([sys.executable, str(script), "--cv", str(cv_folder), "--data", str(two_fold_cache),
+                           "--column", "fold"], capture_output=True, text=True, check=True)  # fmt: skip
+    oof = _rows(cv_folder / "oof.csv")
+    lines = done.stdout.splitlines()
+    for fold in (0, 1):
+        mine = [r for r in oof if int(r["fold"]) == fold]
+        nodules, malignant, *_, called = next(line for line in lines if line.startswith(f"{fold} ")).split()[1:]
+        assert int(nodules) == len(mine) and int(malignant) == sum(int(r["label"]) for r in mine)
+        assert int(called) == sum(int(r["called"]) for r in mine)
+    missing = subprocess.run([sys.executable, str(script), "--cv", str(cv_folder), "--data", str(two_fold_cache),
+                              "--column", "nope"], capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "has no column 'nope'" in missing.stderr

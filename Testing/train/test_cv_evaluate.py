@@ -54,6 +54,11 @@ def test_cv_predicts_every_nodule_once_by_the_model_that_held_out_its_fold(cv_fo
         fold_aucs.append(roc_auc(np.array([float(r["probability"]) for r in rows]), [int(r["label"]) for r in rows]))
     assert summary["mean_fold_auc"] == pytest.approx(np.mean(fold_aucs))
     assert "pooled out-of-fold predictions of 40 nodules" in (cv_folder / "summary.md").read_text()
+    for row in summary["per_fold"]:  # each fold's epochs, as its metrics.csv has them
+        epochs = _rows(cv_folder / f"fold-{row['fold']}" / "metrics.csv")
+        assert row["training_seconds"] == pytest.approx(sum(float(r["seconds"]) for r in epochs), abs=0.05)
+        assert row["training_seconds"] > 0
+    assert summary["training_seconds"] == pytest.approx(sum(r["training_seconds"] for r in summary["per_fold"]))
 
 
 def test_cv_continues_a_finished_folder_without_retraining(cv_folder, two_fold_cache):

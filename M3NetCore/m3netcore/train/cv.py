@@ -162,10 +162,11 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {name.replace('_', ' ')} | {m[name]['value']:.3f} | {low:.3f} - {high:.3f} |")
     mean = "n/a" if summary["mean_fold_auc"] is None else f"{summary['mean_fold_auc']:.3f}"
     lines += ["", f"ECE {m['ece']:.3f}. Mean of the folds' own AUCs: {mean}.", "",
-              "| fold | nodules | AUC |", "|---|---|---|"]  # fmt: skip
+              "| fold | nodules | AUC | training |", "|---|---|---|---|"]  # fmt: skip
     for row in summary["per_fold"]:
         auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
-        lines.append(f"| {row['fold']} | {row['nodules']} | {auc} |")
+        seconds = row.get("training_seconds")
+        lines.append(f"| {row['fold']} | {row['nodules']} | {auc} | {'' if seconds is None else f'{seconds:.0f} s'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from m3netcore.cli import main
 from m3netcore.models.registry import ARCHITECTURES
 from m3netcore.train.benchmark import NETWORK_ROWS
@@ -110,6 +112,8 @@ def test_a_rerun_keeps_training_times_and_a_new_row_joins_the_earlier_table(two_
     from m3netcore.train.benchmark import accuracy_table
     from m3netcore.train.config import RunConfig
 
+    from .conftest import write_tiny_cache
+
     config = RunConfig(batch_size=8, epochs=1, log_every=100)
     out = tmp_path / "bench"
     first = accuracy_table(two_fold_cache, "mean-excl3", out, rows=["majority class", "single-micro"], config=config,
@@ -131,7 +135,15 @@ def test_a_rerun_keeps_training_times_and_a_new_row_joins_the_earlier_table(two_
     other = accuracy_table(two_fold_cache, "official", out, rows=["majority class"], config=config, device="cpu",
                            log=said.append)  # fmt: skip
     assert [row["name"] for row in other] == ["majority class"]
-    assert any("another protocol or other settings: replacing it" in line for line in said)
+    assert any("another protocol, other settings, another cache or an older format: replacing it" in line
+               for line in said)  # fmt: skip
+    said.clear()
+    other_cache = write_tiny_cache(tmp_path / "other", 44, seed=1, folds=2)
+    accuracy_table(other_cache, "official", out, rows=["diameter only (logistic regression)"], config=config,
+                   device="cpu", log=said.append)  # fmt: skip
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [(row["name"], row["nodules"]) for row in rows] == [("diameter only (logistic regression)", 44)]
+    assert any("replacing it" in line for line in said)  # the 40-nodule cache's majority row is not kept
 
 
 def test_a_cache_without_the_protocols_labels_or_folds_is_a_one_line_error(two_fold_cache, tmp_path, capsys):
@@ -143,3 +155,10 @@ def test_a_cache_without_the_protocols_labels_or_folds_is_a_one_line_error(two_f
     assert "label_median-excl3" not in columns
     assert main([*argv, "--protocol", "median-excl3"]) == 2
     assert "has no median-excl3 labels (column label_median-excl3)" in capsys.readouterr().err
+    from m3netcore.data.baselines import reference_rows
+    from m3netcore.errors import M3NetInputError
+
+    rows = [dict(row) for row in open_cache(two_fold_cache).rows]
+    rows[0]["fold"] = None  # a labelled nodule outside every fold
+    with pytest.raises(M3NetInputError, match="1 labelled nodules have no fold"):
+        reference_rows(rows, "mean-excl3")

@@ -216,6 +216,7 @@ def test_without_matplotlib_evaluate_says_why_there_are_no_figures(cv_folder, tw
 def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder, two_fold_cache, tmp_path, capsys):
     import shutil
 
+    from .conftest import write_tiny_cache
     from .test_damaged_inputs import _copy_cache
 
     folder = tmp_path / "cv"
@@ -223,10 +224,14 @@ def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder
     argv = ["cv", "--data", str(two_fold_cache), "--out", str(folder), "--device", "cpu"]
     assert main([*argv, "--model", "single-micro"]) == 2  # finished m3net folds would be pooled as single-micro's
     assert "fold-0 is another run: its architecture 'm3net' (given 'single-micro')" in capsys.readouterr().err
-    elsewhere = _copy_cache(two_fold_cache, tmp_path / "other-cache")
-    assert main(["cv", "--data", str(elsewhere), "--out", str(folder), "--device", "cpu"]) == 2
-    assert f"fold-0 is another run: its data '{two_fold_cache.resolve()}'" in capsys.readouterr().err
+    other = write_tiny_cache(tmp_path / "other-cache", 44, seed=1, folds=2)
+    assert main(["cv", "--data", str(other), "--out", str(folder), "--device", "cpu"]) == 2
+    assert f"fold-0 is another run: its data '{two_fold_cache.resolve()}' (given '{other.resolve()}', other nodules" \
+        in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in cv_folder.iterdir())  # nothing written
+    moved = _copy_cache(two_fold_cache, tmp_path / "moved-cache")  # the same cache elsewhere: still the folds' own
+    assert main(["cv", "--data", str(moved), "--out", str(folder), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2
 
 
 def test_subgroups_script_splits_the_out_of_fold_predictions_by_a_manifest_column(cv_folder, two_fold_cache):
@@ -247,3 +252,15 @@ def test_subgroups_script_splits_the_out_of_fold_predictions_by_a_manifest_colum
     missing = subprocess.run([sys.executable, str(script), "--cv", str(cv_folder), "--data", str(two_fold_cache),
                               "--column", "nope"], capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "has no column 'nope'" in missing.stderr
+
+
+def test_cv_pools_a_fold_whose_metrics_file_is_gone_and_leaves_its_time_unknown(cv_folder, two_fold_cache, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cv"
+    shutil.copytree(cv_folder, folder)
+    (folder / "fold-1" / "metrics.csv").unlink()
+    summary = cross_validate(two_fold_cache, "m3net", folder, None, device="cpu", log=lambda _: None)
+    assert summary["metrics"]["nodules"] == 40
+    assert summary["per_fold"][0]["training_seconds"] > 0 and summary["per_fold"][1]["training_seconds"] is None
+    assert summary["training_seconds"] is None

@@ -77,7 +77,7 @@ def test_a_damaged_cache_is_named_in_one_line(damage, tiny_cache, tmp_path, caps
     assert len(error.splitlines()) == 1 and error.startswith("m3net: error:") and message in error, error
 
 
-def test_settings_files_that_are_not_json_or_toml_text_are_named(tiny_cache, tmp_path, capsys):
+def test_settings_files_that_are_not_json_or_toml_are_named(tiny_cache, tmp_path, capsys):
     binary = tmp_path / "c.json"
     binary.write_bytes(b"\xff\xfe{")
     yaml = tmp_path / "c.yaml"
@@ -86,7 +86,11 @@ def test_settings_files_that_are_not_json_or_toml_text_are_named(tiny_cache, tmp
     assert main([*base, str(binary)]) == 2
     assert "c.json is not UTF-8 text" in capsys.readouterr().err
     assert main([*base, str(yaml)]) == 2
-    assert "config files are JSON (.json) or TOML (.toml)" in capsys.readouterr().err
+    assert "config files are JSON or TOML (.toml), not YAML" in capsys.readouterr().err
+    plain = tmp_path / "settings"  # no suffix: JSON, as before
+    plain.write_text("{not json")
+    assert main([*base, str(plain)]) == 2
+    assert "settings is not valid JSON" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def test_a_training_process_killed_mid_epoch_resumes_to_the_uninterrupted_weight
     seen = []
     for line in process.stdout:
         seen.append(line)
-        if line.startswith("epoch 2/3 step 2/"):  # epoch 1's checkpoint is written; epoch 2 is under way
+        if line.startswith("epoch 2/3 step 1/"):  # epoch 1's checkpoint is written; epoch 2 is under way
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)

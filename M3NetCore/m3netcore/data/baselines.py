@@ -51,6 +51,9 @@ def reference_rows(
         if not rows or needed not in rows[0]:
             raise M3NetInputError(f"the nodule table has no {needed} column: no reference rows under {protocol}")
     kept = [r for r in rows if r[column] is not None]
+    unfolded = sum(1 for r in kept if r["fold"] is None)
+    if unfolded:
+        raise M3NetInputError(f"{unfolded} labelled nodules have no fold: the reference rows need every one in a fold")
     labels = np.asarray([r[f"label_{protocol}"] for r in kept], dtype=int)
     if labels.size == 0 or labels.min() == labels.max():
         raise M3NetInputError(f"protocol {protocol} leaves {labels.size} nodules of one class: nothing to separate")

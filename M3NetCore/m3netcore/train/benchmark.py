@@ -25,7 +25,7 @@ from pathlib import Path
 from m3netcore.atomic import write_text_atomic
 from m3netcore.checkpoint import Model
 from m3netcore.data.baselines import REFERENCE_MODELS, reference_rows
-from m3netcore.data.cache import Cache, open_cache
+from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.labels import check_protocol
 from m3netcore.errors import M3NetInputError
 from m3netcore.summary import model_summary
@@ -34,6 +34,7 @@ from m3netcore.train.cv import cross_validate
 from m3netcore.train.dataset import ViewSource, cache_folds
 from m3netcore.train.workers import DevicePool, tagged_print
 
+TABLE_VERSION = 2  # 2: reference rows at the balanced-accuracy threshold, training times from the folds
 GPU_ONLY_GFLOPS = 10.0  # forward GFLOPs per nodule above which a row is not trained on a CPU
 
 
@@ -132,10 +133,12 @@ def accuracy_table(
         planned.append((len(table), row, feeding.path))
         table.append(entry)
     for position, result in _cross_validate_rows(planned, out, base, device, jobs, log):
-        table[position] |= result
-    table = _with_earlier_rows(out / "table.json", table, protocol, base, log)
+        table[position] |= result | {"jobs": jobs}
+    identity = {"table_version": TABLE_VERSION, "protocol": protocol, "config": base.to_dict(),
+                "cache_digest": cache_digest(cache)}  # fmt: skip
+    table = _with_earlier_rows(out / "table.json", table, identity, log)
     document = {"data": str(cache.path), "semi_synthetic": cache.semi_synthetic, "kind": cache.info.get("kind"),
-                "protocol": protocol, "config": base.to_dict(), "jobs": jobs, "rows": table}  # fmt: skip
+                **identity, "jobs": max((row.get("jobs", 1) for row in table), default=1), "rows": table}  # fmt: skip
     write_text_atomic(out / "table.json", json.dumps(document, indent=2) + "\n")
     write_text_atomic(out / "table.md", table_markdown(document))
     return table
@@ -167,27 +170,27 @@ def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, log: 
                      "nodules": metrics["nodules"], "training_seconds": summary["training_seconds"]}  # fmt: skip
 
 
-def _with_earlier_rows(path: Path, table: list[dict], protocol: str, base: RunConfig,
-                       log: Callable[[str], None]) -> list[dict]:  # fmt: skip
+def _with_earlier_rows(path: Path, table: list[dict], identity: dict, log: Callable[[str], None]) -> list[dict]:
     """``table`` with the rows of an earlier table in the same folder that this call did not make.
 
-    Only a table of the same protocol and settings is merged (``--rows X`` adds X to it);
-    another one is replaced, and the log says so. Rows keep the order of :data:`ROW_NAMES`.
+    Only a table of this format with the same protocol, settings and cache content
+    (``identity``) is merged (``--rows X`` adds X to it); another one is replaced, and the
+    log says so. Rows keep the order of :data:`ROW_NAMES`.
     """
     if not path.is_file():
         return table
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        same = earlier["protocol"] == protocol and earlier["config"] == base.to_dict()
-        rows = earlier["rows"]
-    except (OSError, ValueError, KeyError, TypeError):
+        same = all(earlier.get(key) == value for key, value in identity.items())
+        rows = [row for row in earlier["rows"] if isinstance(row, dict) and row.get("name") in ROW_NAMES]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log(f"{path} is not a readable table: replacing it")
         return table
     if not same:
-        log(f"{path} holds another protocol or other settings: replacing it")
+        log(f"{path} holds another protocol, other settings, another cache or an older format: replacing it")
         return table
     made = {row["name"] for row in table}
-    merged = {row["name"]: row for row in rows if row.get("name") in ROW_NAMES and row["name"] not in made}
+    merged = {row["name"]: row for row in rows if row["name"] not in made}
     merged |= {row["name"]: row for row in table}
     return [merged[name] for name in ROW_NAMES if name in merged]
 
@@ -201,8 +204,8 @@ def table_markdown(document: dict) -> str:
         "malignant at the threshold of best balanced accuracy on their validation split, the regressions at "
         "that of their training folds; the majority class calls every nodule the majority. Training: the "
         "folds' epochs (networks) or fits (regressions), summed over the folds."
-        + (f" Network rows trained {document['jobs']} at a time on one device; training times are wall times "
-           "under that sharing." if document.get("jobs", 1) > 1 else ""),
+        + (f" Network rows trained up to {document['jobs']} at a time on one device; training times are wall "
+           "times under that sharing." if document.get("jobs", 1) > 1 else ""),
         "",
         "| row | AUC (95% CI) | accuracy (95% CI) | sensitivity | specificity | parameters | GFLOPs | training |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -132,12 +132,15 @@ def read_json_mapping(path: str | os.PathLike) -> dict:
 
 
 def read_config(path: str | os.PathLike) -> RunConfig:
-    """A :class:`RunConfig` from a JSON or TOML file (keys as the fields of :class:`RunConfig`)."""
+    """A :class:`RunConfig` from a TOML (``.toml``) or JSON file (any other name).
+
+    Keys are the fields of :class:`RunConfig`.
+    """
     path = Path(path)
     if not path.is_file():
         raise M3NetInputError(f"no config file {path}")
-    if path.suffix.lower() not in (".json", ".toml"):
-        raise M3NetInputError(f"{path}: config files are JSON (.json) or TOML (.toml)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise M3NetInputError(f"{path}: config files are JSON or TOML (.toml), not YAML")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -152,7 +155,8 @@ def read_config(path: str | os.PathLike) -> RunConfig:
         else:
             values = json.loads(text)
     except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise M3NetInputError(f"{path} is not valid {path.suffix.lstrip('.').upper()}: {err}") from err
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        raise M3NetInputError(f"{path} is not valid {kind}: {err}") from err
     if not isinstance(values, dict):
         raise M3NetInputError(f"{path} must hold a mapping of settings")
     return RunConfig.from_dict(values)

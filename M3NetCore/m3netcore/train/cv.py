@@ -104,8 +104,9 @@ def cross_validate(
     summary = pooled_summary(pooled, fold_rows)
     for entry in summary["per_fold"]:
         entry["training_seconds"] = _training_seconds(out / f"fold-{entry['fold']}")
+    times = [entry["training_seconds"] for entry in summary["per_fold"]]
     summary |= {
-        "training_seconds": round(sum(entry["training_seconds"] for entry in summary["per_fold"]), 1),
+        "training_seconds": None if None in times else round(sum(times), 1),
         "architecture": model_name, "data": str(cache.path), "data_kind": cache.info.get("kind"),
         "semi_synthetic": cache.semi_synthetic, "protocol": config.protocol, "folds": folds,
         "seconds_this_call": round(time.perf_counter() - started, 1), "config": config.to_dict(),
@@ -121,8 +122,10 @@ def cross_validate(
     return summary
 
 
-def _training_seconds(run: Path) -> float:
-    """The epochs' wall time of a fold's run, whichever calls (first, resumed) ran them."""
+def _training_seconds(run: Path) -> float | None:
+    """The epochs' wall time of a fold's run, whichever calls (first, resumed) ran them; None if not recorded."""
+    if not (run / METRICS_FILE).is_file():  # the predictions pool without it; only the time is unknown
+        return None
     return round(sum(row["seconds"] for row in read_rows_csv(run / METRICS_FILE)), 1)
 
 

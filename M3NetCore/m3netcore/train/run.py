@@ -241,20 +241,23 @@ def run_identity(model_name: str, fold: int | None, cache: Cache) -> dict:
 def check_same_run(out: Path, model_name: str, fold: int | None, cache: Cache, *, doing: str = "--resume") -> None:
     """Continuing ``out`` must be with its own fold, model and data: another fold would train on the test fold.
 
-    A cache rebuilt in place with other nodules, folds or labels is another cache too. Runs
-    written before the cache digest was kept are checked without it.
+    The cache is known by its content (:func:`cache_digest`): one rebuilt in place with other
+    nodules, folds or labels is another cache, and the same cache moved elsewhere is still
+    the run's. Runs written before the digest was kept are known by the cache's path.
     """
     saved = out / "split.json"
     if not saved.is_file():
         raise M3NetInputError(f"{doing}: {out} holds no run (no split.json)")
     stored = read_json_mapping(saved)
     given = run_identity(model_name, fold, cache)
-    if "cache_digest" not in stored:
-        given.pop("cache_digest")
-    differ = [f"{key} {stored.get(key)!r} (given {value!r})" for key, value in given.items()
-              if stored.get(key) != value and key != "cache_digest"]  # fmt: skip
-    if stored.get("cache_digest", given.get("cache_digest")) != given.get("cache_digest"):
-        differ.append(f"cache {cache.path} has changed since (other nodules, folds, labels or cubes)")
+    differ = [f"{key} {stored.get(key)!r} (given {given[key]!r})" for key in ("fold", "architecture")
+              if stored.get(key) != given[key]]  # fmt: skip
+    moved = stored.get("data") != given["data"]
+    if "cache_digest" in stored and stored["cache_digest"] != given["cache_digest"]:
+        differ.append(f"data {stored.get('data')!r} (given {given['data']!r}, other nodules, folds, labels or cubes)"
+                      if moved else f"cache {cache.path} has changed since (other nodules, folds, labels or cubes)")
+    elif "cache_digest" not in stored and moved:
+        differ.append(f"data {stored.get('data')!r} (given {given['data']!r})")
     if differ:
         raise M3NetInputError(f"{doing}: {out} is another run: its {'; '.join(differ)}")
 

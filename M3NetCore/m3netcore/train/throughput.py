@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -67,8 +68,9 @@ def measure(name: str, device: torch.device, *, batch: int, steps: int, windows:
         stored_grids = {entry["name"]: tuple(entry["grid"]) for entry in cache.info["pyramid"]}
         if any(stored_grids.get(spec.name) != tuple(spec.grid) for spec in stored):
             raise M3NetInputError(f"the cache {data} does not hold the cubes {name} needs; leave --data out")
-        # np.array: a writable copy of the read-only memory map, as torch.from_numpy wants
-        cubes = [torch.from_numpy(np.array(cache.pyramids[spec.name]))[:, None].to(device) for spec in stored]
+        with warnings.catch_warnings():  # the memory map is read-only, and nothing here writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            cubes = [torch.from_numpy(cache.pyramids[spec.name])[:, None].to(device) for spec in stored]
         source = "cache"
     else:
         generator = torch.Generator(device=device).manual_seed(0)

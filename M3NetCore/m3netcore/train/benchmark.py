@@ -73,8 +73,8 @@ def accuracy_table(
 ) -> list[dict]:
     """Every row's cross-validated result on the cache under ``protocol``; writes ``out/table.md|json``.
 
-    Rows of an earlier table in ``out`` (same protocol and settings) that this call does not
-    make are kept, so ``rows=[X]`` adds or redoes row X; the whole table is returned.
+    Rows of an earlier table in ``out`` (same protocol, settings and cache content) that this
+    call does not make are kept, so ``rows=[X]`` adds or redoes row X; the whole table is returned.
 
     ``jobs``: network rows cross-validated at once, each in its own process (1: one after
     another in this process). ``extra_data``: caches of the same nodules, folds and labels
@@ -159,7 +159,7 @@ def _cross_validate_rows(planned: list[tuple[int, NetworkRow, Path]], out: Path,
 
 def _cross_validate_row(data, row: NetworkRow, out: Path, base: RunConfig, log: Callable[[str], None], *,
                         device: str) -> dict:  # fmt: skip
-    """One network row: ``m3net cv`` into ``out/<row>``; its metrics and wall time."""
+    """One network row: ``m3net cv`` into ``out/<row>``; its metrics and its folds' training time."""
     log(f"{row.name}: cross-validating {row.architecture}")
     summary = cross_validate(data, row.architecture, out / _slug(row.name), base.replace(**row.settings),
                              device=device, log=log)  # fmt: skip

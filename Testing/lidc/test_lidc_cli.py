@@ -54,6 +54,9 @@ def test_too_few_patients_or_one_class_are_one_line_errors(tmp_path, capsys):
     tiny = write_database(tmp_path / "tiny.sqlite", [one])
     assert main(["lidc", "stats", "--database", str(tiny)]) == 2
     assert "need at least 5 patients" in capsys.readouterr().err
+    nothing = write_database(tmp_path / "none.sqlite", [])
+    assert main(["lidc", "stats", "--database", str(nothing)]) == 2
+    assert "none.sqlite holds no annotated nodules" in capsys.readouterr().err
     off_scale = write_database(tmp_path / "nine.sqlite", [one | {"malignancy": 9}])
     assert main(["lidc", "stats", "--database", str(off_scale)]) == 2
     error = capsys.readouterr().err

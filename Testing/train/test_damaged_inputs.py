@@ -120,6 +120,13 @@ def test_resume_names_a_damaged_run_file(name, stopped_run, capsys):
     assert len(error.splitlines()) == 1 and f"{name} is missing or damaged" in error
 
 
+def test_resume_names_a_run_identity_that_is_emptied(stopped_run, capsys):
+    cache, run = stopped_run
+    (run / "split.json").write_text("{}")
+    assert main(["train", "--data", str(cache), "--fold", "0", "--out", str(run), "--resume"]) == 2
+    assert "split.json is damaged: it names no fold, architecture, data" in capsys.readouterr().err
+
+
 def test_resume_from_a_garbage_checkpoint_is_one_line(stopped_run, capsys):
     cache, run = stopped_run
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint" * 100)

@@ -219,6 +219,8 @@ def read_database(path: str | os.PathLike | None = None) -> tuple[dict[int, Scan
             ]
     except sqlite3.DatabaseError as err:
         raise M3NetInputError(f"{path} is not a readable LIDC annotation database: {err}") from err
+    except M3NetInputError:  # the schema check's own message (it is a ValueError too)
+        raise
     except (TypeError, ValueError) as err:  # NULL or non-numeric ratings, spacing, coordinates
         raise M3NetInputError(f"{path} has a malformed value: {err}") from err
     finally:

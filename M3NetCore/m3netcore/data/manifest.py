@@ -84,7 +84,10 @@ def lidc_rows(database: str | os.PathLike | None = None, *, cache_dir: str | os.
             return json.loads(cached.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # a damaged cache is recomputed
-    rows = nodule_rows(load_nodules(path))
+    nodules = load_nodules(path)
+    if not nodules:
+        raise M3NetInputError(f"{path} holds no annotated nodules")
+    rows = nodule_rows(nodules)
     try:
         write_text_atomic(cached, json.dumps(rows))
     except OSError:

@@ -249,6 +249,9 @@ def check_same_run(out: Path, model_name: str, fold: int | None, cache: Cache, *
     if not saved.is_file():
         raise M3NetInputError(f"{doing}: {out} holds no run (no split.json)")
     stored = read_json_mapping(saved)
+    missing = [key for key in ("fold", "architecture", "data") if key not in stored]
+    if missing:
+        raise M3NetInputError(f"{saved} is damaged: it names no {', '.join(missing)}")
     given = run_identity(model_name, fold, cache)
     differ = [f"{key} {stored.get(key)!r} (given {given[key]!r})" for key in ("fold", "architecture")
               if stored.get(key) != given[key]]  # fmt: skip

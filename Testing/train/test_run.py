@@ -237,7 +237,9 @@ def test_curves_are_drawn_after_the_last_epoch_before_a_stop_and_otherwise_at_mo
 
 
 def test_malignant_nodules_weigh_benign_count_over_malignant_count_in_the_loss(tiny_cache, tmp_path):
+    """One step on 7 benign and 1 malignant nodule: the weight is 7, and it is in the loss the step takes."""
     import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
@@ -248,11 +250,21 @@ def test_malignant_nodules_weigh_benign_count_over_malignant_count_in_the_loss(t
 
     cache = open_cache(tiny_cache)
     split = split_cache(cache, "mean-excl3", 0, seed=QUICK.seed)
-    malignant = split.train[split.labels_of(split.train) == 1]
-    fewer = np.sort(np.concatenate([split.train[split.labels_of(split.train) == 0], malignant[:4]]))
-    split = dataclasses.replace(split, train=fewer)  # 4 malignant among the benign: the weight is far from 1
     labels = split.labels_of(split.train)
+    one_batch = np.sort(np.concatenate([split.train[labels == 0][:7], split.train[labels == 1][:1]]))
+    split = dataclasses.replace(split, train=one_batch)  # batch 8: exactly one step per epoch
     source = ViewSource(cache, default_preprocessing(), QUICK, torch.device("cpu"))
-    trainer = Trainer("m3net", split, source, QUICK, Processes(), tmp_path, lambda _: None)
-    assert labels.sum() == 4 and len(labels) > 12
-    assert float(trainer.positive_weight) == pytest.approx(np.sum(labels == 0) / 4)
+
+    def first_step_bce(weight: float | None) -> tuple[float, float]:
+        trainer = Trainer("m3net", split, source, QUICK, Processes(), tmp_path, lambda _: None)
+        used = float(trainer.positive_weight)
+        if weight is not None:
+            trainer.positive_weight = torch.tensor(weight)
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            return used, float(trainer._train_epoch(0, prefetch)[1])
+
+    used, weighted = first_step_bce(None)
+    _, unweighted = first_step_bce(1.0)  # the same initial weights and views, the malignant nodule at weight 1
+    assert used == pytest.approx(7.0)
+    # BCE with pos_weight w exceeds the plain BCE by (w - 1) * (the malignant nodule's loss) / 8 > 0
+    assert weighted > unweighted + 1e-3

@@ -10,6 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The path at or above ``folder`` that exists as a file, so that ``folder`` cannot be made; None if none."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
@@ -21,7 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     if final.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(final))
-    blocking = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(final.parent)
     if blocking is not None:
         raise NotADirectoryError(errno.ENOTDIR, f"is a file, so {final} cannot be written", str(blocking))
     final.parent.mkdir(parents=True, exist_ok=True)

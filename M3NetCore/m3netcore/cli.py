@@ -452,31 +452,27 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _check_out_dir(out: str, option: str = "--out") -> None:
     """Refuse an output path that cannot become a folder before any work is done."""
-    from pathlib import Path
 
+    from m3netcore.atomic import file_in_the_way
     from m3netcore.errors import M3NetInputError
 
-    path = Path(out)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                raise M3NetInputError(f"{option} {out}: {candidate} exists and is not a folder")
-            return
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise M3NetInputError(f"{option} {out}: {blocking} exists and is not a folder")
 
 
 def _check_out_file(out: str, option: str) -> None:
-    """Refuse an output file path that a folder is in the way of, before any work is done."""
+    """Refuse an output file path that a folder, or a file above it, is in the way of, before any work is done."""
     from pathlib import Path
 
+    from m3netcore.atomic import file_in_the_way
     from m3netcore.errors import M3NetInputError
 
     if Path(out).is_dir():
         raise M3NetInputError(f"{option} {out} is a folder, not a file")
-    for candidate in Path(out).parents:
-        if candidate.exists():
-            if not candidate.is_dir():
-                raise M3NetInputError(f"{option} {out}: {candidate} exists and is not a folder")
-            return
+    blocking = file_in_the_way(Path(out).parent)
+    if blocking is not None:
+        raise M3NetInputError(f"{option} {out}: {blocking} exists and is not a folder")
 
 
 def _result_line(label: str, result) -> str:

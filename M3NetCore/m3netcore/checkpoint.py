@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +31,13 @@ FORMAT_NAME = "m3net-model"
 METADATA_KEY = "m3net_model"
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
+# What a model file may ask for: each view at most 256 voxels a side and 2**24 voxels in
+# all (a 256^3 float32 crop is 64 MB per nodule), at most 2 m across; text fields short.
+MAX_GRID_SIDE = 256
+MAX_GRID_VOXELS = 2**24
+MAX_FIELD_OF_VIEW_MM = 2000.0
+MAX_SCALES = 8
+MAX_NAME_CHARACTERS = 200
 
 
 @dataclass
@@ -63,8 +72,8 @@ class Model:
                 f"the network takes views {network_scales} but the preprocessing makes "
                 f"{self.preprocessing.scale_names}; they must match in name and order"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite positive number, got {self.temperature}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
@@ -118,15 +127,19 @@ def save_model(model: Model, path: str | os.PathLike) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
-    """Load a model by registry name (``"demo"``) or from a model file.
+    """Load a bundled model by name (``"demo"``) or a model file by path.
+
+    A bundled name always means the bundled, checksummed file, whatever lies in the
+    working folder; a file of that name is loaded as ``./demo``. Anything else is a path.
 
     Raises:
         ModelFileError: missing, truncated or corrupt file; another format or version;
-            a checksum that does not match.
+            a checksum that does not match; metadata or weights that do not describe a
+            usable model. The message is one line.
     """
     text = str(name_or_path)
     registry = bundled_registry()
-    if text in registry and not Path(text).is_file():  # a folder named "demo" is not a model file
+    if isinstance(name_or_path, str) and text in registry:
         entry = registry[text]
         path = Path(str(resources.files("m3netcore") / "weights" / entry["file"]))
         if not path.is_file():
@@ -156,7 +169,7 @@ def read_model_file(path: str | os.PathLike) -> Model:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path} is not a readable model file (truncated or corrupt?): {err}") from err
+        raise ModelFileError(f"{path} is not a readable model file (truncated or corrupt?): {_one_line(err)}") from err
 
     try:
         document = json.loads(metadata[METADATA_KEY])
@@ -167,29 +180,156 @@ def read_model_file(path: str | os.PathLike) -> Model:
     version = document.get("format_version", "?")
     if version != FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} has model-file format version {version}; this m3net-core reads version {FORMAT_VERSION}"
+            f"{path} has model-file format version {version!r}; this m3net-core reads version {FORMAT_VERSION}"
         )
     if document.get("weights_sha256") != _weights_digest(state):
         raise ModelFileError(f"{path}: the weights do not match their recorded checksum (corrupt file)")
     try:
-        architecture_name = document["architecture"]
-        network = build_model(architecture_name, document["config"])
-        network.load_state_dict(_upgraded(architecture_name, state), strict=True)
-        model = Model(
-            network=network,
-            architecture=architecture_name,
-            preprocessing=Preprocessing.from_dict(document["preprocessing"]),
-            temperature=float(document["calibration"]["temperature"]),
-            threshold=float(document["calibration"]["threshold"]),
-            name=str(document.get("name", path.stem)),
-            version=str(document.get("version", "0")),
-            card=str(document.get("card", "")),
-            metadata=dict(document.get("metadata", {})),
-        )
+        fields = _checked_document(document, default_name=path.stem)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: {_one_line(err)}") from err
+    architecture_name = fields["architecture"]
+    state = _upgraded(architecture_name, state)
+    try:
+        # Shapes first, on the meta device (no memory): a config asking for a huge network
+        # allocates nothing unless the file holds weights of that size.
+        with torch.device("meta"):
+            shapes_only = build_model(architecture_name, document.get("config") or None)
+        mismatch = _state_mismatch(shapes_only, state)
+        if mismatch:
+            raise ModelFileError(f"{path}: the weights are not those of a {architecture_name} network: {mismatch}")
+        network = build_model(architecture_name, document.get("config") or None)
+        network.load_state_dict(state, strict=True)
+        model = Model(network=network, architecture=architecture_name, **fields["model"])
+    except ModelFileError:
+        raise
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: model file content does not fit this m3net-core: {err}") from err
+        raise ModelFileError(f"{path}: model file content does not fit this m3net-core: {_one_line(err)}") from err
     network.eval()
     return model
+
+
+def _checked_document(document: dict, *, default_name: str = "unnamed") -> dict:
+    """The model-file fields, validated before anything is built from them.
+
+    Raises:
+        ValueError / TypeError / KeyError: with a one-line reason naming the field.
+    """
+    architecture_name = document["architecture"]
+    if not isinstance(architecture_name, str):
+        raise TypeError(f"architecture must be a name, got {architecture_name!r}")
+    architecture(_printable(architecture_name, "architecture"))  # unknown names fail here, listing the known
+    if not isinstance(document.get("config", {}), dict):
+        raise TypeError("config must be a mapping")
+    calibration = document["calibration"]
+    if not isinstance(calibration, dict):
+        raise TypeError("calibration must be a mapping")
+    temperature = _number(calibration["temperature"], "calibration temperature")
+    threshold = _number(calibration["threshold"], "calibration threshold")
+    if not temperature > 0:
+        raise ValueError(f"calibration temperature must be a finite positive number, got {temperature!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"calibration threshold must be in [0, 1], got {threshold!r}")
+    preprocessing = document["preprocessing"]
+    if not isinstance(preprocessing, dict) or not isinstance(preprocessing.get("scales"), list):
+        raise TypeError("preprocessing must be a mapping with a list of scales")
+    scales = preprocessing["scales"]
+    if not 1 <= len(scales) <= MAX_SCALES:
+        raise ValueError(f"preprocessing has {len(scales)} views; a model has 1 to {MAX_SCALES}")
+    for scale in scales:
+        _check_scale(scale)
+    for key in ("hu_window", "outside_hu"):
+        values = preprocessing[key] if isinstance(preprocessing[key], list) else [preprocessing[key]]
+        for value in values:
+            _number(value, f"preprocessing {key}")
+    metadata = document.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise TypeError("metadata must be a mapping")
+    card = document.get("card", "")
+    if not isinstance(card, str):
+        raise TypeError("the model card must be text")
+    _printable(card, "the model card", allow="\n\t\r")
+    return {
+        "architecture": architecture_name,
+        "model": {
+            "preprocessing": Preprocessing.from_dict(preprocessing),
+            "temperature": temperature,
+            "threshold": threshold,
+            "name": _short_text(document.get("name", default_name), "name"),
+            "version": _short_text(document.get("version", "0"), "version"),
+            "card": card,
+            "metadata": metadata,
+        },
+    }
+
+
+def _check_scale(scale: object) -> None:
+    if not isinstance(scale, dict):
+        raise TypeError(f"a preprocessing view must be a mapping, got {scale!r}")
+    name = _short_text(scale["name"], "view name")
+    grid, fov = scale["grid"], scale["field_of_view_mm"]
+    if not (isinstance(grid, list) and len(grid) == 3 and all(type(n) is int for n in grid)):
+        raise ValueError(f"view {name!r}: grid must be 3 whole numbers, got {grid!r}")
+    if not all(1 <= n <= MAX_GRID_SIDE for n in grid) or math.prod(grid) > MAX_GRID_VOXELS:
+        raise ValueError(
+            f"view {name!r}: grid {grid} is outside 1..{MAX_GRID_SIDE} voxels a side, {MAX_GRID_VOXELS} in all"
+        )
+    if not (isinstance(fov, list) and len(fov) == 3):
+        raise ValueError(f"view {name!r}: field_of_view_mm must be 3 numbers, got {fov!r}")
+    if not all(0 < _number(v, f"view {name!r} field_of_view_mm") <= MAX_FIELD_OF_VIEW_MM for v in fov):
+        raise ValueError(f"view {name!r}: field_of_view_mm {fov} is outside (0, {MAX_FIELD_OF_VIEW_MM:g}] mm")
+
+
+def _number(value: object, what: str) -> float:
+    """A finite int or float from JSON (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _short_text(value: object, what: str) -> str:
+    """A name or version: text, at most ``MAX_NAME_CHARACTERS``, nothing a terminal would act on."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be text, got {value!r}")
+    if not value.strip() or len(value) > MAX_NAME_CHARACTERS:
+        raise ValueError(f"{what} must be 1 to {MAX_NAME_CHARACTERS} characters, got {len(value)}")
+    return _printable(value, what)
+
+
+def _printable(text: str, what: str, *, allow: str = "") -> str:
+    """``text`` unless it holds control or format characters (escape sequences, bidi overrides)."""
+    for character in text:
+        if character not in allow and unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise ValueError(f"{what} holds the control character {character!r}; it would be printed to terminals")
+    return text
+
+
+def _state_mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Why ``state`` cannot load into ``network``, in one line; empty when it can."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{key} {tuple(state[key].shape)} (the network has {tuple(expected[key].shape)})"
+        for key in sorted(set(expected) & set(state))
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    problems = []
+    for count, what, examples in (
+        (len(missing), "missing", missing),
+        (len(unexpected), "unexpected", unexpected),
+        (len(shapes), "of another shape", shapes),
+    ):
+        if count:
+            problems.append(f"{count} tensor(s) {what} (e.g. {', '.join(examples[:2])})")
+    return "; ".join(problems)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError):
+        return f"no {text} entry"
+    return text or type(err).__name__
 
 
 def _upgraded(architecture_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -220,3 +220,137 @@ def test_a_file_from_before_the_per_scale_votes_loads_and_answers_the_same(tmp_p
         output = new.forward_head(features)
         mixed = torch.einsum("bs,bst->bt", output.scale_attention, new.value(tokens))
         assert torch.allclose(new.vote(mixed).squeeze(-1), output.logit, atol=1e-6)
+
+
+# --- a model is what it says it is ---------------------------------------------------------
+
+
+def test_a_bundled_name_means_the_bundled_file_even_beside_a_file_of_that_name(tmp_path, monkeypatch) -> None:
+    from m3netcore.checkpoint import bundled_registry
+
+    impostor = Model.untrained("m3net")
+    impostor.name, impostor.version, impostor.temperature = "m3net-demo", "0.2.0", 3.0
+    save_model(impostor, tmp_path / "demo")
+    monkeypatch.chdir(tmp_path)
+
+    bundled = load_model("demo")
+    local = load_model("./demo")
+
+    # the checksummed bundled model, not the file in the working folder
+    assert bundled.temperature == read_model_file(_bundled_path("demo")).temperature != 3.0
+    assert file_sha256(_bundled_path("demo")) == bundled_registry()["demo"]["sha256"]
+    assert local.temperature == 3.0  # a path is a path
+    assert load_model(Path("demo")).temperature == 3.0
+
+
+def _bundled_path(name: str) -> Path:
+    from m3netcore.checkpoint import bundled_registry, resources
+
+    return Path(str(resources.files("m3netcore") / "weights" / bundled_registry()[name]["file"]))
+
+
+def rewrite_calibration_or_preprocessing(good: Path, path: Path, edit) -> None:
+    """Copy a model file with ``edit(document)`` applied to its JSON document (kept as JSON text)."""
+    with safe_open(str(good), framework="pt") as handle:
+        document = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    edit(document)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(document)})
+
+
+def _set(*keys, value):
+    def edit(document: dict) -> None:
+        target = document
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("calibration", "temperature", value=float("inf")), "temperature must be a finite"),
+        (_set("calibration", "temperature", value="1.0"), "temperature must be a finite"),
+        (_set("preprocessing", "scales", 0, "grid", value=[100_000, 32, 32]), "grid"),
+        (_set("preprocessing", "scales", 2, "field_of_view_mm", value=[1e9, 96.0, 96.0]), "field_of_view_mm"),
+        (_set("preprocessing", "outside_hu", value=float("nan")), "outside_hu must be a finite"),
+        (_set("name", value="demo\x1b]0;owned\x07\x1b[2J"), "name holds the control character"),
+        (_set("version", value="0.2.0\u202e"), "version holds the control character"),
+        (_set("name", value="x" * 10_000), "name must be 1 to 200"),
+        (_set("card", value="# card\x1b[31m red"), "card holds the control character"),
+        (_set("metadata", value=["not", "a", "mapping"]), "metadata must be a mapping"),
+    ],
+    ids=[
+        "temperature-inf",
+        "temperature-text",
+        "huge-grid",
+        "huge-field-of-view",
+        "outside-nan",
+        "name-escape",
+        "version-bidi",
+        "name-long",
+        "card-escape",
+        "metadata-list",
+    ],  # fmt: skip
+)
+def test_model_file_metadata_is_validated_before_use(saved, tmp_path, edit, message: str) -> None:
+    _, good = saved
+    path = tmp_path / "edited.safetensors"
+    rewrite_calibration_or_preprocessing(good, path, edit)
+
+    with pytest.raises(ModelFileError, match=message) as caught:
+        load_model(path)
+    text = str(caught.value)
+    assert "\n" not in text and "\x1b" not in text and "\u202e" not in text  # one printable line
+
+
+def _swap_architecture(document: dict) -> None:
+    """m3net weights under another architecture's name and views."""
+    single = Model.untrained("single-micro")
+    document["architecture"] = "single-micro"
+    document["config"] = {}
+    document["preprocessing"] = single.preprocessing.to_dict()
+
+
+def test_weights_of_another_architecture_are_one_line(saved, tmp_path, capsys) -> None:
+    from m3netcore.cli import main
+
+    _, good = saved
+    path = tmp_path / "swapped.safetensors"
+    rewrite_calibration_or_preprocessing(good, path, _swap_architecture)
+
+    with pytest.raises(ModelFileError, match="not those of a single-micro network: .* missing") as caught:
+        load_model(path)
+    assert "\n" not in str(caught.value)
+    assert main(["model-info", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m3net: error: ") and err.count("\n") == 1
+
+
+def test_a_tensor_of_another_shape_is_one_line(saved, tmp_path) -> None:
+    from m3netcore import checkpoint
+
+    _, good = saved
+    with safe_open(str(good), framework="pt") as handle:
+        document = json.loads(handle.metadata()[METADATA_KEY])
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    key = next(k for k, v in sorted(state.items()) if v.dim() == 5)  # a convolution kernel
+    state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])
+    document["weights_sha256"] = checkpoint._weights_digest(state)  # a consistent file, of the wrong shape
+    path = tmp_path / "reshaped.safetensors"
+    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(document)})
+
+    with pytest.raises(ModelFileError, match=f"1 tensor\\(s\\) of another shape \\(e.g. {key}") as caught:
+        load_model(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unknown_architecture_is_named_in_one_line(saved, tmp_path) -> None:
+    _, good = saved
+    path = tmp_path / "unknown.safetensors"
+    rewrite_calibration_or_preprocessing(good, path, _set("architecture", value="m3net-xl\x1b[2J"))
+    with pytest.raises(ModelFileError, match="control character") as caught:
+        load_model(path)
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from m3netcore.errors import M3NetInputError
 from m3netcore.geometry import to_lps
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
 LUNA16_COLUMNS = ("seriesuid", "coordx", "coordy", "coordz")
+LUNA25_COLUMNS = ("seriesinstanceuid", "coordx", "coordy", "coordz")
 
 
 @dataclass(frozen=True)
@@ -26,15 +33,61 @@ class LabeledPoint:
 
 
 def parse_point(text: str) -> tuple[float, float, float]:
-    """``"X,Y,Z"`` -> a float triple (the CLI's ``--point``)."""
-    parts = [p for p in text.replace(" ", "").split(",") if p]
+    """``"X,Y,Z"`` -> a float triple (the CLI's ``--point``).
+
+    Exactly three finite numbers separated by commas, spaces around them allowed; an empty
+    field (``1,,2,3``) or a fourth number is an error, never silently dropped.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise M3NetInputError(f"--point must be three numbers X,Y,Z in mm, got {text!r}")
     try:
         values = tuple(float(p) for p in parts)
     except ValueError as err:
-        raise M3NetInputError(f"--point must be X,Y,Z in mm, got {text!r}") from err
-    if len(values) != 3:
-        raise M3NetInputError(f"--point must be X,Y,Z in mm, got {text!r}")
+        raise M3NetInputError(f"--point must be three numbers X,Y,Z in mm, got {text!r}") from err
+    if not all(math.isfinite(v) for v in values):
+        raise M3NetInputError(f"--point must be finite numbers, got {text!r}")
     return values
+
+
+def points_for_image(
+    path: str | os.PathLike, image: sitk.Image, image_path: str | os.PathLike | None = None, *, coords: str = "LPS"
+) -> list[LabeledPoint]:
+    """The points of a points file that belong to ``image``, in LPS (what ``m3net predict --points`` reads).
+
+    LUNA16 ``annotations.csv`` and LUNA25 files list the nodules of many series, one row
+    each: only the rows of this image's SeriesInstanceUID are kept. The UID comes from the
+    DICOM header of an image read from a DICOM folder, or from a file named
+    ``<SeriesInstanceUID>.mhd`` / ``.mha`` (as LUNA16 and LUNA25 name their scans), which is
+    why ``image_path`` is asked for. Markups and plain CSV files are read whole.
+
+    Args:
+        path: the points file (see :func:`read_points`).
+        image: the CT the points are for (from :func:`m3netcore.read_image`).
+        image_path: the file or folder ``image`` was read from.
+        coords: the coordinate system of a plain CSV ("LPS" or "RAS").
+
+    Raises:
+        M3NetInputError: as :func:`read_points`; a LUNA file with several series for an image
+            whose UID is unknown, or without a row for its series.
+    """
+    from m3netcore.io import series_uid_of
+
+    return read_points(path, coords=coords, series_uid=series_uid_of(image, image_path))
+
+
+def unique_labels(labels: Iterable[str]) -> list[str]:
+    """Labels made unique by a ``-2``, ``-3``... suffix on repeats (file names and tables need one per point)."""
+    taken: set[str] = set()
+    unique = []
+    for label in labels:
+        candidate, count = label, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{label}-{count}"
+        taken.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 def read_points(
@@ -103,11 +156,14 @@ def _read_csv(path: Path, coords: str, series_uid: str | None) -> list[LabeledPo
     if not rows:
         raise M3NetInputError(f"{path} has no data rows (a header with x,y,z and one row per point)")
     columns = {name.strip().lower(): name for name in rows[0] if name}
+    if all(c in columns for c in LUNA25_COLUMNS) and "seriesuid" not in columns:
+        columns["seriesuid"] = columns["seriesinstanceuid"]
     if all(c in columns for c in LUNA16_COLUMNS):
         return _luna16_points(path, rows, columns, series_uid)
     if not all(c in columns for c in ("x", "y", "z")):
         raise M3NetInputError(
-            f"{path}: expected columns x,y,z (plain CSV) or seriesuid,coordX,coordY,coordZ (LUNA16), "
+            f"{path}: expected columns x,y,z (plain CSV) or seriesuid,coordX,coordY,coordZ (LUNA16; "
+            "SeriesInstanceUID for LUNA25), "
             f"found {', '.join(columns) or 'none'}"
         )
     triples, labels = [], []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +83,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise M3NetInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
+DEFAULT_CHUNK = 16  # points per forward pass: memory stays bounded, a GPU still gets a batch
+
+
 def predict(
     model: Model | nn.Module,
     image: sitk.Image,
@@ -104,7 +107,8 @@ def predict(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        One :class:`NoduleResult` per point, in order.
+        One :class:`NoduleResult` per point, in order. The list holds every heatmap; for
+        many points use :func:`iter_predict`, which keeps one chunk in memory at a time.
 
     Raises:
         M3NetInputError: a point outside the image, an image that is not one 3D scalar
@@ -113,6 +117,28 @@ def predict(
     The network is moved to ``device`` and left in eval mode. Explaining briefly freezes
     its parameters, so do not explain with one network from several threads at once.
     """
+    return list(iter_predict(model, image, points, coords=coords, explain=explain, device=device))
+
+
+def iter_predict(
+    model: Model | nn.Module,
+    image: sitk.Image,
+    points: Iterable[Sequence[float]],
+    *,
+    coords: str = "LPS",
+    explain: bool = True,
+    device: str | torch.device = "auto",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[NoduleResult]:
+    """:func:`predict` one result at a time, ``chunk_size`` points per forward pass.
+
+    Memory stays the same whatever the number of points: crops, activations and heatmaps
+    of one chunk at a time (drop each result once written, as ``m3net predict`` does).
+    Everything is checked before the first result (every point inside the image), so a
+    bad point fails before any work. Same arguments and errors as :func:`predict`.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not isinstance(model, Model):
         if not isinstance(model, nn.Module) or not hasattr(model, "architecture_name"):
             raise TypeError(f"model must come from load_model() or build_model(), got {type(model).__name__}")
@@ -129,13 +155,24 @@ def predict(
         )
     target = resolve_device(device)
     network = model.network.to(target).eval()
-    preprocessing = model.preprocessing
+    described = model.describe() | {"device": str(target)}
+    chunks = (points_lps[start : start + chunk_size] for start in range(0, len(points_lps), chunk_size))
+    return (
+        result
+        for chunk in chunks
+        for result in _predict_chunk(model, network, image, chunk, explain, target, described)
+    )
 
+
+def _predict_chunk(model: Model, network: nn.Module, image: sitk.Image, points_lps, explain: bool,
+                   target: torch.device, described: dict) -> list[NoduleResult]:  # fmt: skip
+    preprocessing = model.preprocessing
     per_point = [extract_crops(image, point, preprocessing) for point in points_lps]
     batch = [
         torch.from_numpy(np.stack([crops[name] for crops in per_point]))[:, None].to(target)
         for name in preprocessing.scale_names
     ]
+    del per_point
 
     cams = None
     if explain:
@@ -176,7 +213,7 @@ def predict(
                 scale_attention=scale_attention,
                 heatmaps=heatmaps,
                 fields_of_view_mm={s.name: tuple(s.field_of_view_mm) for s in preprocessing.scales},
-                model=model.describe() | {"device": str(target)},
+                model=dict(described),
             )
         )
     return results
@@ -189,4 +226,4 @@ def _probabilities(logits: torch.Tensor, model: Model) -> torch.Tensor:
     return probabilities
 
 
-__all__ = ["NoduleResult", "predict", "resolve_device"]
+__all__ = ["DEFAULT_CHUNK", "NoduleResult", "iter_predict", "predict", "resolve_device"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ EXIT_BAD_INPUT = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_points_joined(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT
@@ -254,42 +255,45 @@ def _run_train(args: argparse.Namespace) -> int:
         from m3netcore.train.config import RunConfig
 
         config = RunConfig()
-    train_run(args.data, args.model, _fold(args.fold), args.out, config, resume=args.resume,
-              stop_after_epoch=args.stop_after_epoch, device=args.device, progress=True)  # fmt: skip
+    _check_out_dir(args.out)
+    with _run_folder_held(args.out):
+        train_run(args.data, args.model, _fold(args.fold), args.out, config, resume=args.resume,
+                  stop_after_epoch=args.stop_after_epoch, device=args.device, progress=True)  # fmt: skip
     return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from m3netcore import load_model, predict, read_image
+    from m3netcore import load_model, read_image
     from m3netcore.errors import M3NetInputError
     from m3netcore.geometry import to_lps
-    from m3netcore.io import series_uid_of
-    from m3netcore.points import LabeledPoint, parse_point, read_points
-    from m3netcore.results import write_results
+    from m3netcore.outputs import OutputFolder
+    from m3netcore.points import LabeledPoint, parse_point, points_for_image, unique_labels
+    from m3netcore.predict import iter_predict
+    from m3netcore.results import ResultsWriter
 
     _check_out_dir(args.out)
     points = [
         LabeledPoint(f"P-{n}", tuple(to_lps([parse_point(text)], args.coords)[0]))
         for n, text in enumerate(args.point, start=1)
     ]
-    image = None
-    if args.points:
-        # LUNA16 files are filtered by the image's series, so the image is read first.
-        image = read_image(args.image, series_uid=args.series)
-        points += read_points(args.points, coords=args.coords, series_uid=series_uid_of(image, args.image))
-    if not points:
+    if not points and not args.points:
         raise M3NetInputError("no points: give --point X,Y,Z or --points FILE")
-    model = load_model(args.model)
-    if image is None:
+    with OutputFolder(args.out) as staging:  # a second run into --out is refused here, before any work
+        # LUNA16/LUNA25 files are filtered by the image's series, so the image is read first.
         image = read_image(args.image, series_uid=args.series)
-    results = predict(
-        model, image, [p.lps for p in points], coords="LPS", explain=not args.no_explain, device=args.device
-    )
-    labels = _unique([p.label for p in points])
-    write_results(results, labels, args.out, source={"image": str(args.image), "model": str(args.model)})
-    for label, result in zip(labels, results, strict=True):
-        print(_result_line(label, result))
-    print(f"wrote {args.out}/results.json, results.csv and {sum(len(r.heatmaps) for r in results)} heatmaps")
+        if args.points:
+            points += points_for_image(args.points, image, args.image, coords=args.coords)
+        model = load_model(args.model)
+        labels = unique_labels(p.label for p in points)
+        results = iter_predict(
+            model, image, [p.lps for p in points], coords="LPS", explain=not args.no_explain, device=args.device
+        )
+        source = {"image": str(args.image), "model": str(args.model)}
+        with ResultsWriter(staging, source=source) as writer:  # heatmaps leave memory as each chunk is done
+            for label, result in zip(labels, results, strict=True):
+                writer.add(label, result)
+                print(_result_line(label, result))
+    print(f"wrote {args.out}/results.json, results.csv and {writer.heatmaps} heatmaps")
     return 0
 
 
@@ -425,17 +429,27 @@ def _run_cv(args: argparse.Namespace) -> int:
         if args.device != "auto":
             raise M3NetInputError("give --device (one device) or --devices (several), not both")
         devices = parse_devices(args.devices)
-    cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, devices=devices,
-                   progress=True)  # fmt: skip
+    _check_out_dir(args.out)
+    with _run_folder_held(args.out):
+        cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, devices=devices,
+                       progress=True)  # fmt: skip
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from m3netcore.outputs import OutputFolder
     from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model, seen_warning
 
-    report = evaluate_model(
-        args.model, args.data, fold=args.fold, out=args.out, protocol=args.protocol, device=args.device
-    )
+    out = args.out if args.out is not None or not Path(args.model).is_dir() else str(Path(args.model) / "evaluation")
+    if out is None:  # a missing path, or a model file without --out: evaluate_model refuses it, saying which
+        evaluate_model(args.model, args.data, fold=args.fold, out=None, protocol=args.protocol, device=args.device)
+    _check_out_dir(out)
+    with OutputFolder(out) as staging:  # the report's files replace the earlier report's as a set
+        report = evaluate_model(
+            args.model, args.data, fold=args.fold, out=staging, protocol=args.protocol, device=args.device
+        )
     metrics = report["metrics"]
     where = "all labelled nodules" if report["fold"] is None else f"fold {report['fold']}"
     print(f"{report['model_name']} on {where} ({metrics['nodules']} nodules, protocol {report['protocol']}):")
@@ -448,6 +462,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if "figures_missing" in report:
         print(f"m3net: {report['figures_missing']}", file=sys.stderr)
     return 0
+
+
+def _run_folder_held(out: str):
+    """The lock on a training run folder (only rank 0 of a torchrun job holds it: the ranks share one run)."""
+    import contextlib
+    import os
+
+    from m3netcore.outputs import run_folder_lock
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return run_folder_lock(out)
 
 
 def _check_out_dir(out: str, option: str = "--out") -> None:
@@ -482,18 +508,32 @@ def _result_line(label: str, result) -> str:
     return line
 
 
-def _unique(labels: list[str]) -> list[str]:
-    """Labels made unique by a ``-2``, ``-3``... suffix on repeats."""
-    taken: set[str] = set()
-    unique = []
-    for label in labels:
-        candidate, count = label, 1
-        while candidate in taken:
-            count += 1
-            candidate = f"{label}-{count}"
-        taken.add(candidate)
-        unique.append(candidate)
-    return unique
+def _negative_points_joined(argv: list[str]) -> list[str]:
+    """``--point -31.5,42,-118`` -> ``--point=-31.5,42,-118``, which argparse reads as the option's value.
+
+    argparse takes a word that starts with ``-`` for an option unless it is one plain
+    negative number, so about half of all LPS points would stop with "expected one argument".
+    """
+    joined = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            joined += [word, *words]
+            break
+        if word == "--point":
+            value = next(words, None)
+            if value is not None and _NEGATIVE_START.match(value):
+                joined.append(f"--point={value}")
+                continue
+            joined.append(word)
+            if value is not None:
+                joined.append(value)
+            continue
+        joined.append(word)
+    return joined
+
+
+_NEGATIVE_START = re.compile(r"-\s*[0-9.]")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -12,7 +12,7 @@ import tomllib
 import m3netcore
 from m3netcore.atomic import atomic_path, write_text_atomic
 from m3netcore.checkpoint import read_registry
-from m3netcore.cli import _unique
+from m3netcore.points import unique_labels as _unique
 from m3netcore.errors import ModelFileError
 from m3netcore.results import heatmap_filename
 

@@ -29,6 +29,7 @@ from m3netcore.atomic import write_text_atomic
 from m3netcore.data.cache import open_cache
 from m3netcore.data.manifest import read_rows_csv, rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.outputs import user_entries
 from m3netcore.train.checkpointing import CHECKPOINT_FILE
 from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import cache_folds
@@ -182,7 +183,7 @@ def _cv_config(out: Path, config: RunConfig | None) -> RunConfig:
             changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
             raise M3NetInputError(f"{out} holds a cross-validation with other settings ({', '.join(changed)})")
         return stored
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or user_entries(out)):  # m3net's hidden lock does not count
         raise M3NetInputError(f"{out} exists and is not an empty folder or a cross-validation to continue")
     config = config or RunConfig()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes

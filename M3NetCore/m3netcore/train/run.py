@@ -33,6 +33,7 @@ from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.models.registry import architecture, build_model
+from m3netcore.outputs import user_entries
 from m3netcore.train import distributed
 from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import Split, ViewSource, split_cache
@@ -223,7 +224,7 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
         if (out / MODEL_FILE).exists():
             raise M3NetInputError(f"{out} is finished ({MODEL_FILE} exists): nothing to resume")
         return stored
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or user_entries(out)):  # m3net's hidden lock does not count
         raise M3NetInputError(f"{out} exists and is not an empty folder; use --resume or another --out")
     return config or RunConfig()
 

@@ -27,6 +27,22 @@ def missing(requirements: tuple[str, ...] = REQUIREMENTS) -> list[str]:
     return [text for text in requirements if not _satisfied(text)]
 
 
+def missing_all(requirements: tuple[str, ...] = REQUIREMENTS) -> list[str]:
+    """torch and the other requirements that are not installed (torch first)."""
+    return ([] if torch_installed() else [TORCH_REQUIREMENT]) + missing(requirements)
+
+
+def install_hint(wanted: list[str]) -> str:
+    """One sentence on how to install ``wanted`` for a script run by Slicer's Python."""
+    others = [r for r in wanted if r != TORCH_REQUIREMENT]
+    steps = []
+    if TORCH_REQUIREMENT in wanted:
+        steps.append("install the PyTorch extension from the Extensions Manager and let it install torch")
+    if others:
+        steps.append("run slicer.util.pip_install(" + repr(" ".join(others)) + ") in Slicer's Python console")
+    return "; ".join(steps) + " (or press Apply once in the M3Net module, which offers to do this)"
+
+
 def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None and _satisfied(TORCH_REQUIREMENT)
 

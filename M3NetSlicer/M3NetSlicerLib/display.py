@@ -1,4 +1,4 @@
-"""How results look in Slicer: the heat colour table, slice overlays, 3D rendering, ROI boxes.
+"""How results look in Slicer: the heat colour table, slice overlays, 3D surfaces, ROI boxes.
 
 Everything here works on MRML nodes only (no Qt), so the module, the batch script and the
 tests share it.
@@ -72,48 +72,84 @@ def jump_slice_views(scene, point_ras: Sequence[float]) -> None:
     )
 
 
-def volume_rendering_display(volume_rendering_logic, volume_node):
-    """The volume's multi-volume rendering display node (made if missing).
+def show_ct_in_3d(volume_rendering_logic, volume_node):
+    """Volume-render the CT with Slicer's default method and a chest transfer function made in code.
 
-    Multi-volume rendering composites the CT and heatmaps in one ray cast, so a heatmap
-    inside the body is hidden by tissue in front of it, as it should be. A volume rendering
-    of another kind that the user had turned on is hidden (not removed): it would draw the
-    CT in a renderer of its own, through which the heatmap would show.
+    For scenes this program owns (the batch script); the panel never changes the CT's 3D
+    display. An existing volume rendering display of the CT is shown as it is. The nodes
+    are made without Slicer's presets, which the ``slicer-core`` wheel does not ship.
     """
-    others = []
     for index in range(volume_node.GetNumberOfDisplayNodes()):
-        display = volume_node.GetNthDisplayNode(index)
-        if display is not None and display.IsA("vtkMRMLMultiVolumeRenderingDisplayNode"):
-            return display
-        if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-            others.append(display)
-    for display in others:
-        display.SetVisibility(False)
-    if not others:
-        previous = volume_rendering_logic.GetDefaultRenderingMethod()
-        volume_rendering_logic.SetDefaultRenderingMethod("vtkMRMLMultiVolumeRenderingDisplayNode")
-        try:
-            return volume_rendering_logic.CreateDefaultVolumeRenderingNodes(volume_node)
-        finally:
-            volume_rendering_logic.SetDefaultRenderingMethod(previous)
-    # CreateDefaultVolumeRenderingNodes would hand back the existing display: make one explicitly.
-    display = volume_rendering_logic.CreateVolumeRenderingDisplayNode("vtkMRMLMultiVolumeRenderingDisplayNode")
-    volume_node.GetScene().AddNode(display)
-    volume_rendering_logic.UpdateDisplayNodeFromVolumeNode(display, volume_node)
-    volume_node.AddAndObserveDisplayNodeID(display.GetID())
-    return display
+        shown = volume_node.GetNthDisplayNode(index)
+        if shown is not None and shown.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+            shown.SetVisibility(True)
+            return shown
+    scene = volume_node.GetScene()
+    shown = volume_rendering_logic.CreateVolumeRenderingDisplayNode()  # the default method (GPU ray cast)
+    scene.AddNode(shown)
+    volume_property = slicer.vtkMRMLVolumePropertyNode()
+    scene.AddNode(volume_property)
+    shown.SetAndObserveVolumePropertyNodeID(volume_property.GetID())
+    volume_node.AddAndObserveDisplayNodeID(shown.GetID())
+    volume_rendering_logic.UpdateDisplayNodeFromVolumeNode(shown, volume_node)
+    set_ct_transfer_functions(volume_property)
+    shown.SetVisibility(True)
+    return shown
+
+
+def update_heatmap_surface(scene, model_node, heatmap_node, level: float):
+    """The surface where ``heatmap_node`` crosses ``level``, as a model node in RAS (made if None).
+
+    A closed opaque surface drawn by Slicer's standard model renderer: it is depth-sorted
+    with whatever else the 3D view shows, so tissue rendered in front of it hides it.
+    """
+    import vtk
+
+    if model_node is None:
+        model_node = slicer.vtkMRMLModelNode()
+        scene.AddNode(model_node)
+        model_node.CreateDefaultDisplayNodes()
+    level = float(np.clip(level, 0.0, 0.99))
+    image = heatmap_node.GetImageData()
+    polydata = vtk.vtkPolyData()
+    if image is not None:
+        padded = vtk.vtkImageConstantPad()  # closes surfaces that reach the edge of the field of view
+        padded.SetInputData(image)
+        extent = image.GetExtent()
+        padded.SetOutputWholeExtent(
+            extent[0] - 1, extent[1] + 1, extent[2] - 1, extent[3] + 1, extent[4] - 1, extent[5] + 1
+        )
+        padded.SetConstant(0.0)
+        contour = vtk.vtkFlyingEdges3D()
+        contour.SetInputConnection(padded.GetOutputPort())
+        contour.SetValue(0, max(level, 1e-3))
+        contour.ComputeNormalsOn()
+        to_ras = vtk.vtkTransform()
+        matrix = vtk.vtkMatrix4x4()
+        heatmap_node.GetIJKToRASMatrix(matrix)
+        to_ras.SetMatrix(matrix)
+        transformed = vtk.vtkTransformPolyDataFilter()
+        transformed.SetInputConnection(contour.GetOutputPort())
+        transformed.SetTransform(to_ras)
+        normals = vtk.vtkPolyDataNormals()  # IJK->RAS may flip handedness: recompute outward normals
+        normals.SetInputConnection(transformed.GetOutputPort())
+        normals.ConsistencyOn()
+        normals.AutoOrientNormalsOn()
+        normals.Update()
+        polydata.DeepCopy(normals.GetOutput())
+    model_node.SetAndObservePolyData(polydata)
+    if heatmap_node.GetParentTransformNode() is not None:
+        model_node.SetAndObserveTransformNodeID(heatmap_node.GetParentTransformNode().GetID())
+    shown = model_node.GetDisplayNode()
+    shown.SetColor(*heat_colour(min(1.0, level + 0.25)))
+    shown.SetOpacity(1.0)
+    shown.SetVisibility2D(False)  # the slice views show the heatmap itself
+    shown.SetVisibility(True)
+    return model_node
 
 
 def set_ct_transfer_functions(volume_property_node) -> None:
     _set_transfer_functions(volume_property_node, CT_OPACITY, CT_COLOURS)
-
-
-def set_heatmap_transfer_functions(volume_property_node, threshold: float) -> None:
-    """Transparent below ``threshold``, then rising opacity in heat colours."""
-    low = float(np.clip(threshold, 0.0, 0.99))
-    opacity = ((0.0, 0.0), (low, 0.0), (low + 1e-3, 0.15), (1.0, 0.8))
-    colours = tuple((v, heat_colour(v)) for v in np.linspace(0.0, 1.0, 9))
-    _set_transfer_functions(volume_property_node, opacity, colours)
 
 
 def update_roi(scene, roi_node, name: str, centre_ras: Sequence[float], size_mm: Sequence[float], colour):

@@ -2,7 +2,7 @@
 
 The desktop module, the batch script and the tests all drive :class:`M3NetLogic`. It
 converts at the edge (:mod:`convert`), calls :func:`m3netcore.predict` and displays what
-comes back (:mod:`display`); it never re-implements the core.
+comes back (:mod:`scene_outputs`, :mod:`display`); it never re-implements the core.
 
 Output nodes are found again by their attributes (role, input volume, nodule number), so
 running again updates them in place, and they live in the subject hierarchy in a folder
@@ -11,61 +11,23 @@ under the input volume.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import slicer
 import vtk
 
 import m3netcore
 from m3netcore.errors import M3NetInputError
 from m3netcore.geometry import lps_to_ras
-from M3NetSlicerLib import display
+from M3NetSlicerLib import display, scene_outputs
 from M3NetSlicerLib.convert import control_points, image_from_volume_node, update_volume_node_from_image
+from M3NetSlicerLib.scene_outputs import TABLE_COLUMNS, NoduleOutput, RunOutput
 
-INPUT = "M3Net.Input"  # attribute: the ID of the input volume an output belongs to
-NUMBER = "M3Net.Nodule"  # attribute: 1-based nodule number
-SCALE = "M3Net.Scale"  # attribute: "combined" or a scale name
-FOLDER_NAME = "M3Net"
-TABLE_COLUMNS = (
-    "label",
-    "probability",
-    "prediction",
-    "attention_micro",
-    "attention_meso",
-    "attention_macro",
-    "R",
-    "A",
-    "S",
-    "model",
-    "model_version",
-    "device",
-)
-
-
-@dataclass
-class NoduleOutput:
-    """One nodule's answer and the nodes that show it."""
-
-    number: int
-    label: str
-    result: m3netcore.NoduleResult
-    heatmap_nodes: dict[str, object] = field(default_factory=dict)  # "combined" and, on request, each scale
-
-
-@dataclass
-class RunOutput:
-    """What one Apply produced."""
-
-    volume_node: object
-    table_node: object
-    nodules: list[NoduleOutput]
-    device: str
-    seconds: float
+__all__ = ["TABLE_COLUMNS", "M3NetLogic", "NoduleOutput", "RunOutput", "results_table"]
 
 
 class M3NetLogic:
@@ -73,8 +35,8 @@ class M3NetLogic:
 
     Args:
         scene: the MRML scene (``slicer.mrmlScene`` in the application).
-        volume_rendering_logic: the VolumeRendering module's logic; without it the 3D
-            view shows no heatmap (everything else works).
+        volume_rendering_logic: kept for callers that volume-render the CT themselves
+            (the batch script); the heatmaps are shown in 3D as surfaces without it.
     """
 
     def __init__(self, scene, volume_rendering_logic=None) -> None:
@@ -85,7 +47,7 @@ class M3NetLogic:
     # -- model ---------------------------------------------------------------------------
 
     def load_model(self, source: str | os.PathLike = "demo") -> m3netcore.Model:
-        """``"demo"`` (the bundled model) or a model file from ``m3net train``; cached.
+        """A bundled model's name (``"demo"``, ``"lidc-phantom"``) or a model file; cached.
 
         Raises:
             M3NetInputError / ModelFileError: no such model, or a file that is not one.
@@ -94,7 +56,9 @@ class M3NetLogic:
         stamp = Path(text).stat().st_mtime if Path(text).is_file() else 0.0
         key = (text, stamp)
         if key not in self._models:
-            if text != "demo" and not Path(text).is_file():
+            from m3netcore.checkpoint import bundled_registry
+
+            if text not in bundled_registry() and not Path(text).is_file():
                 raise M3NetInputError(f"no such model file: {text}")
             self._models[key] = m3netcore.load_model(text)
         return self._models[key]
@@ -115,7 +79,8 @@ class M3NetLogic:
         """The core's answers for every placed point; the scene is not touched.
 
         ``progress(done, total, label)`` is called before each nodule and at the end;
-        ``should_cancel()`` is asked between nodules, and ``None`` is returned if it said so.
+        ``should_cancel()`` is asked before each nodule and after the last, and ``None``
+        is returned if it said so.
 
         Raises:
             M3NetInputError: no volume, no points, a point outside the volume, and the like.
@@ -133,6 +98,8 @@ class M3NetLogic:
             except M3NetInputError as err:
                 raise M3NetInputError(f"point {label!r}: {err}") from err
             answers.append((label, result))
+        if should_cancel is not None and should_cancel():
+            return None
         if progress is not None:
             progress(len(points), len(points), "")
         return answers
@@ -176,17 +143,18 @@ class M3NetLogic:
         threshold: float = 0.2,
     ) -> RunOutput:
         """Create or update the table and heatmap nodes for ``answers``; remove stale ones."""
+        scene = self.scene
         input_id = volume_node.GetID()
-        folder = self._output_folder(volume_node)
-        colours = display.heat_colour_table(self.scene)
+        folder = scene_outputs.output_folder(scene, volume_node)
+        colours = display.heat_colour_table(scene)
         wanted: set[str] = set()
         nodules = []
-        self.scene.StartState(self.scene.BatchProcessState)
+        scene.StartState(scene.BatchProcessState)
         try:
             table = self._output_node("vtkMRMLTableNode", "results-table", input_id, folder)
             table.SetName(f"{volume_node.GetName()} M3Net results")
             wanted.add(table.GetID())
-            table.SetAndObserveTable(results_table([(label, r) for label, r in answers]))
+            table.SetAndObserveTable(results_table(answers))
             for number, (label, result) in enumerate(answers, start=1):
                 scales = ["combined"] + ([s for s in result.heatmaps if s != "combined"] if per_scale else [])
                 nodes = {}
@@ -197,16 +165,24 @@ class M3NetLogic:
                         "vtkMRMLScalarVolumeNode", "heatmap", input_id, folder, number=number, scale=scale
                     )
                     node.SetName(f"M3Net {label} heatmap" + ("" if scale == "combined" else f" {scale}"))
+                    node.SetAttribute(
+                        scene_outputs.FIELDS_OF_VIEW,
+                        json.dumps({k: list(v) for k, v in result.fields_of_view_mm.items()}),
+                    )
                     update_volume_node_from_image(node, result.heatmaps[scale])
                     display.style_heatmap(node, colours, threshold)
                     nodes[scale] = node
                     wanted.add(node.GetID())
-                nodules.append(NoduleOutput(number=number, label=label, result=result, heatmap_nodes=nodes))
-            self._remove_stale(input_id, wanted, roles=("results-table", "heatmap"))
+                    if scale == "combined":
+                        surface = scene_outputs.find(scene, input_id, "heatmap-surface", number=number)
+                        if surface is not None:
+                            wanted.add(surface.GetID())
+                nodules.append(_nodule_output(number, label, result, nodes))
+            scene_outputs.remove_stale(scene, input_id, wanted, roles=("results-table", "heatmap", "heatmap-surface"))
         finally:
-            self.scene.EndState(self.scene.BatchProcessState)
+            scene.EndState(scene.BatchProcessState)
         device = answers[0][1].model.get("device", "") if answers else ""
-        return RunOutput(volume_node=volume_node, table_node=table, nodules=nodules, device=device, seconds=0.0)
+        return RunOutput(volume_node=volume_node, table_node=table, nodules=nodules, device=device)
 
     def show_nodule(
         self,
@@ -218,129 +194,39 @@ class M3NetLogic:
         scale: str = "combined",
         render_3d: bool = True,
     ) -> None:
-        """Show nodule ``index``: heatmap over the CT, slice views on it, its three fields of view.
-
-        In 3D, the CT and every nodule's combined heatmap are volume-rendered together.
-        """
-        nodule = output.nodules[index]
-        heatmap = nodule.heatmap_nodes.get(scale) or nodule.heatmap_nodes.get("combined")
-        self.set_heatmap_style(output, opacity=opacity, threshold=threshold)
-        display.show_in_slice_views(self.scene, output.volume_node, heatmap, opacity)
-        centre_ras = lps_to_ras(nodule.result.point_lps)
-        display.jump_slice_views(self.scene, centre_ras)
-        folder = self._output_folder(output.volume_node)
-        for name, fov in nodule.result.fields_of_view_mm.items():
-            existing = self._find(output.volume_node.GetID(), "fov-roi", scale=name)
-            roi = display.update_roi(
-                self.scene,
-                existing,
-                f"M3Net {name} field of view",
-                centre_ras,
-                fov,
-                display.SCALE_COLOURS.get(name, (1, 1, 1)),
-            )
-            self._tag(roi, "fov-roi", output.volume_node.GetID(), folder, scale=name)
-        if render_3d and self.volume_rendering_logic is not None:
-            self._render_3d(output, threshold)
+        """Show nodule ``index`` (see :func:`scene_outputs.show_nodule`); ``render_3d``: heatmap surfaces."""
+        scene_outputs.show_nodule(
+            self.scene, output, index, opacity=opacity, threshold=threshold, scale=scale, surfaces=render_3d
+        )
 
     def set_heatmap_style(self, output: RunOutput, *, opacity: float, threshold: float) -> None:
         """Apply the panel's opacity and threshold to every heatmap of ``output``."""
-        colours = display.heat_colour_table(self.scene)
-        for nodule in output.nodules:
-            for node in nodule.heatmap_nodes.values():
-                display.style_heatmap(node, colours, threshold)
-                for index in range(node.GetNumberOfDisplayNodes()):
-                    vr = node.GetNthDisplayNode(index)
-                    if vr is not None and vr.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                        display.set_heatmap_transfer_functions(vr.GetVolumePropertyNode(), threshold)
-        for composite in display.nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
-            composite.SetForegroundOpacity(float(opacity))
-
-    def _render_3d(self, output: RunOutput, threshold: float) -> None:
-        volume = output.volume_node
-        ct_had_rendering = any(
-            volume.GetNthDisplayNode(i) is not None
-            and volume.GetNthDisplayNode(i).IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
-            for i in range(volume.GetNumberOfDisplayNodes())
-        )  # keep the transfer functions of an earlier run (the user may have changed them)
-        ct_display = display.volume_rendering_display(self.volume_rendering_logic, volume)
-        if not ct_had_rendering:
-            display.set_ct_transfer_functions(ct_display.GetVolumePropertyNode())
-        ct_display.SetVisibility(True)
-        for nodule in output.nodules:
-            node = nodule.heatmap_nodes["combined"]
-            heat_display = display.volume_rendering_display(self.volume_rendering_logic, node)
-            display.set_heatmap_transfer_functions(heat_display.GetVolumePropertyNode(), threshold)
-            heat_display.SetVisibility(True)
-
-    # -- finding and tagging output nodes ------------------------------------------------------
-
-    def _output_folder(self, volume_node) -> int:
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
-        volume_item = hierarchy.GetItemByDataNode(volume_node)
-        if not volume_item:
-            volume_item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), volume_node)
-        folder = hierarchy.GetItemChildWithName(volume_item, FOLDER_NAME)
-        if not folder:
-            folder = hierarchy.CreateFolderItem(volume_item, FOLDER_NAME)
-        return folder
-
-    def _output_node(self, class_name: str, role: str, input_id: str, folder: int, *, number=None, scale=None):
-        node = self._find(input_id, role, number=number, scale=scale)
-        if node is None:
-            node = self.scene.AddNewNodeByClass(class_name)
-        self._tag(node, role, input_id, folder, number=number, scale=scale)
-        return node
-
-    def _tag(self, node, role: str, input_id: str, folder: int, *, number=None, scale=None) -> None:
-        node.SetAttribute(display.ROLE, role)
-        node.SetAttribute(INPUT, input_id)
-        if number is not None:
-            node.SetAttribute(NUMBER, str(number))
-        if scale is not None:
-            node.SetAttribute(SCALE, scale)
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
-        item = hierarchy.GetItemByDataNode(node)
-        if not item:
-            hierarchy.CreateItem(folder, node)
-        elif hierarchy.GetItemParent(item) != folder:
-            hierarchy.SetItemParent(item, folder)
-
-    def _find(self, input_id: str, role: str, *, number=None, scale=None):
-        for node in self.outputs(input_id, role):
-            if number is not None and node.GetAttribute(NUMBER) != str(number):
-                continue
-            if scale is not None and node.GetAttribute(SCALE) != scale:
-                continue
-            return node
-        return None
+        scene_outputs.set_heatmap_style(self.scene, output, opacity=opacity, threshold=threshold)
 
     def outputs(self, input_id: str, role: str | None = None) -> list:
         """The output nodes of the input volume with ID ``input_id`` (of one role, if given)."""
-        return [
-            node
-            for node in display.nodes_of_class(self.scene, "vtkMRMLNode")
-            if node.GetAttribute(INPUT) == input_id and (role is None or node.GetAttribute(display.ROLE) == role)
-        ]
+        return scene_outputs.outputs(self.scene, input_id, role)
 
-    def _remove_stale(self, input_id: str, keep: set[str], roles: Sequence[str]) -> None:
-        for role in roles:
-            for node in self.outputs(input_id, role):
-                if node.GetID() not in keep:
-                    remove_node(self.scene, node)
+    def _output_node(self, class_name: str, role: str, input_id: str, folder: int, *, number=None, scale=None):
+        node = scene_outputs.find(self.scene, input_id, role, number=number, scale=scale)
+        if node is None:
+            node = self.scene.AddNewNodeByClass(class_name)
+        scene_outputs.tag(self.scene, node, role, input_id, folder, number=number, scale=scale)
+        return node
 
 
-def remove_node(scene, node) -> None:
-    """Remove ``node``, its display nodes and its subject hierarchy item."""
-    for index in reversed(range(node.GetNumberOfDisplayNodes())):
-        shown = node.GetNthDisplayNode(index)
-        if shown is not None:
-            scene.RemoveNode(shown)
-    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    item = hierarchy.GetItemByDataNode(node)
-    if item:
-        hierarchy.RemoveItem(item, False, False)
-    scene.RemoveNode(node)
+def _nodule_output(number: int, label: str, result: m3netcore.NoduleResult, nodes: dict) -> NoduleOutput:
+    return NoduleOutput(
+        number=number,
+        label=label,
+        probability=float(result.probability),
+        prediction=result.label,
+        scale_attention=dict(result.scale_attention) if result.scale_attention else None,
+        point_ras=tuple(float(v) for v in lps_to_ras(result.point_lps)),
+        fields_of_view_mm={k: tuple(v) for k, v in result.fields_of_view_mm.items()},
+        heatmap_nodes=nodes,
+        result=result,
+    )
 
 
 def results_table(answers: Sequence[tuple[str, m3netcore.NoduleResult]]):
@@ -373,4 +259,3 @@ def results_table(answers: Sequence[tuple[str, m3netcore.NoduleResult]]):
         for name, value in values.items():
             columns[name].InsertNextValue(value)
     return table
-

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 import vtk
+import vtk.util.numpy_support
 from M3NetSlicerLib.convert import control_points, ijk_to_ras_of_image, image_from_volume_node
 from M3NetSlicerLib.logic import TABLE_COLUMNS, M3NetLogic
 from mrml_helpers import add_points, add_volume
@@ -127,7 +128,7 @@ def test_rerun_updates_the_same_nodes_under_the_input_volume(app, small_chest, m
     hierarchy.GetItemChildren(folder, children)
     in_folder = {hierarchy.GetItemDataNode(children.GetId(i)).GetID() for i in range(children.GetNumberOfIds())}
     assert {n.GetID() for n in logic.outputs(volume.GetID())} == in_folder
-    assert len(in_folder) == 1 + 2 + 3  # table, two heatmaps, three field-of-view boxes
+    assert len(in_folder) == 1 + 2 + 2 + 3  # table, two heatmaps, their 3D surfaces, three field-of-view boxes
 
 
 def test_show_nodule_jumps_and_places_the_fields_of_view(app, small_chest, model):
@@ -236,23 +237,45 @@ def test_control_points_skip_unplaced_points_and_convert_to_lps(app):
     assert control_points(node) == [("a", (-10.0, -20.0, 30.0))]
 
 
-def test_3d_joins_a_users_own_volume_rendering_into_one_composite(app, small_chest, model):
-    """A CT already volume-rendered (GPU ray cast) gets a multi-volume rendering; the other is hidden."""
+def test_3d_leaves_the_cts_own_display_alone_and_draws_heatmap_surfaces(app, small_chest, model):
+    """The CT's 3D display stays as the user set it; each nodule's heatmap is a model (standard renderer)."""
     image, nodules = small_chest
     volume = add_volume(app.scene, image)
     vr = app.volume_rendering_logic
-    own = vr.CreateDefaultVolumeRenderingNodes(volume)
-    own.SetVisibility(True)
-    assert not own.IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
+    own = vr.CreateVolumeRenderingDisplayNode()
+    app.scene.AddNode(own)
+    volume.AddAndObserveDisplayNodeID(own.GetID())
+    own.SetVisibility(False)  # the user turned the CT's volume rendering off
+    before = [volume.GetNthDisplayNode(i).GetID() for i in range(volume.GetNumberOfDisplayNodes())]
     logic = M3NetLogic(app.scene, vr)
-    output = logic.run(volume, add_points(app.scene, nodules), model, device="cpu")
-    displays = [volume.GetNthDisplayNode(i) for i in range(volume.GetNumberOfDisplayNodes())]
-    multi = [d for d in displays if d.IsA("vtkMRMLMultiVolumeRenderingDisplayNode")]
-    assert len(multi) == 1 and multi[0].GetVisibility()
+    output = logic.run(volume, add_points(app.scene, nodules), model, device="cpu", threshold=0.3)
+    assert [volume.GetNthDisplayNode(i).GetID() for i in range(volume.GetNumberOfDisplayNodes())] == before
     assert not own.GetVisibility()
-    heat = output.nodules[0].heatmap_nodes["combined"]
-    heat_displays = [heat.GetNthDisplayNode(i) for i in range(heat.GetNumberOfDisplayNodes())]
-    assert any(d.IsA("vtkMRMLMultiVolumeRenderingDisplayNode") and d.GetVisibility() for d in heat_displays)
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode") == 1
+    surfaces = logic.outputs(volume.GetID(), "heatmap-surface")
+    assert sorted(s.GetAttribute("M3Net.Nodule") for s in surfaces) == ["1", "2"]
+    for nodule in output.nodules:
+        (surface,) = [s for s in surfaces if s.GetAttribute("M3Net.Nodule") == str(nodule.number)]
+        points = vtk.util.numpy_support.vtk_to_numpy(surface.GetPolyData().GetPoints().GetData())
+        assert len(points) > 50 and surface.GetDisplayNode().GetVisibility()
+        # The surface surrounds the heatmap's peak, in RAS, inside the micro-to-macro field of view.
+        assert np.linalg.norm(points.mean(axis=0) - nodule.point_ras) < 30.0
+        heat = sitk.GetArrayFromImage(nodule.result.heatmaps["combined"])
+        assert (heat >= 0.3).sum() > 0
+    # A higher threshold draws a smaller surface; rerunning keeps the same nodes.
+    first = surfaces[0]
+    area = _area(first)
+    logic.set_heatmap_style(output, opacity=0.5, threshold=0.8)
+    assert _area(first) < area
+    ids = sorted(s.GetID() for s in surfaces)
     logic.run(volume, add_points(app.scene, nodules, name="again"), model, device="cpu")
-    assert sum(volume.GetNthDisplayNode(i).IsA("vtkMRMLMultiVolumeRenderingDisplayNode")
-               for i in range(volume.GetNumberOfDisplayNodes())) == 1  # fmt: skip
+    assert sorted(s.GetID() for s in logic.outputs(volume.GetID(), "heatmap-surface")) == ids
+
+
+def _area(model_node) -> float:
+    mass = vtk.vtkMassProperties()
+    triangles = vtk.vtkTriangleFilter()
+    triangles.SetInputData(model_node.GetPolyData())
+    mass.SetInputConnection(triangles.GetOutputPort())
+    mass.Update()
+    return mass.GetSurfaceArea()

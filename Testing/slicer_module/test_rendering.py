@@ -61,7 +61,7 @@ def test_slice_view_shows_the_heatmap_on_the_nodule(shown, tmp_path):
         logic.show_nodule(output, index, opacity=0.6, threshold=0.2)
         views.fit_slice("Red", 120.0)
         with_heatmap = views.capture_slice("Red")
-        row, col = slice_pixel(views, "Red", nodule.result.point_ras)
+        row, col = slice_pixel(views, "Red", nodule.point_ras)
         assert abs(row - 127.5) < 2 and abs(col - 127.5) < 2  # the view jumped to the nodule
         mm_per_pixel = 120.0 / 256
         near = disc(with_heatmap.shape, (row, col), 25.0 / mm_per_pixel)  # within the meso field of view
@@ -75,27 +75,26 @@ def test_slice_view_shows_the_heatmap_on_the_nodule(shown, tmp_path):
         assert heat_pixels(without).sum() == 0  # the colour came from the heatmap, not the CT
 
 
-def test_3d_view_composites_the_heatmap_with_the_ct(shown, rendering, tmp_path):
+def test_3d_view_shows_the_heatmap_surface_inside_the_ct(shown, rendering, tmp_path):
     views, volume, points, logic = shown
+    from M3NetSlicerLib.display import show_ct_in_3d
+
+    show_ct_in_3d(logic.volume_rendering_logic, volume)  # as the batch script does; the panel leaves the CT alone
     model = m3netcore.load_model("demo")
     output = logic.run(volume, points, model, device="cpu", threshold=0.2)
     nodule = output.nodules[0]
     logic.show_nodule(output, 0)
     with_heatmap = views.capture_3d(azimuth=0.0, elevation=0.0)
     renderer = views._renderer
-    renderer.SetWorldPoint(*nodule.result.point_ras, 1.0)
+    renderer.SetWorldPoint(*nodule.point_ras, 1.0)
     renderer.WorldToDisplay()
     x, y, _ = renderer.GetDisplayPoint()
     row, col = views.size - 1 - y, x
     assert 0 <= row < views.size and 0 <= col < views.size
     near = disc(with_heatmap.shape, (row, col), 10)
 
-    heat_nodes = [n.heatmap_nodes["combined"] for n in output.nodules]
-    for node in heat_nodes:
-        for i in range(node.GetNumberOfDisplayNodes()):
-            display = node.GetNthDisplayNode(i)
-            if display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                display.SetVisibility(False)
+    for surface in logic.outputs(volume.GetID(), "heatmap-surface"):
+        surface.GetDisplayNode().SetVisibility(False)
     without = views.capture_3d(azimuth=0.0, elevation=0.0)
     save(with_heatmap, tmp_path / "3d_view.png")
     save(without, tmp_path / "3d_view_ct_only.png")
@@ -103,3 +102,5 @@ def test_3d_view_composites_the_heatmap_with_the_ct(shown, rendering, tmp_path):
     assert gained > 0.3, f"heat colours where the nodule projects rose by only {gained:.2f}"
     changed = np.abs(with_heatmap.astype(int) - without.astype(int)).sum(axis=2) > 30
     assert changed[near].mean() > changed[~disc(with_heatmap.shape, (row, col), 60)].mean()
+    # The CT is drawn too: the body shows where there is no heatmap.
+    assert (without.sum(axis=2) > 60).mean() > 0.05

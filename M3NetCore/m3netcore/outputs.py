@@ -122,8 +122,8 @@ class OutputFolder:
                 self.discard()
                 raise
             return
+        mapped = self._in_user_terms(exc)  # while the staging folder is known
         self.discard()
-        mapped = self._in_user_terms(exc)
         if mapped is not exc:
             raise mapped from exc
 
@@ -149,7 +149,7 @@ class OutputFolder:
         if self.staging is None:
             raise RuntimeError("OutputFolder.commit() before open()")
         new_files = _files_in_write_order(self.staging)
-        new_dirs = sorted({str(Path(f).parent) for f in new_files} - {"."})
+        new_dirs = sorted({parent.as_posix() for f in new_files for parent in Path(f).parents} - {"."})
         old = _read_record(self.path)
         self._check_no_foreign(new_files, old["files"])
         with _signals_held():

@@ -2,7 +2,10 @@
 
 Used where there is no ``slicer.app``: the tests (``slicer-core`` wheel) and the batch
 script under plain Python. Inside the Slicer application the batch script uses the
-application's scene and logics instead, and only :class:`OffscreenViews` from here.
+application's scene and logics instead, and only :class:`OffscreenViews` from here. With
+``--no-main-window`` the application has no slice or view logics at all (Slicer makes
+them only for the main window's layout): :class:`OffscreenViews` then gives the
+application logic the collections it lacks, and makes its own views.
 
 Rendering needs an OpenGL that works without a display: EGL (Mesa llvmpipe on CPUs).
 :func:`rendering_available` probes it in a child process, because VTK crashes the whole
@@ -58,9 +61,16 @@ class HeadlessApplication:
         self = cls(scene=scene, application_logic=app)
         colours = slicer.vtkSlicerColorLogic()
         colours.SetMRMLApplicationLogic(app)  # before the scene, or the volumes logic finds no colours
-        colours.SetMRMLScene(scene)
-        app.SetModuleLogic("Colors", colours)
-        colours.AddDefaultColorNodes()
+        # The wheel ships no colour files, and the colour logic says so as an error on every
+        # start ("FindDefaultColorFiles failed"); the built-in tables it adds are all M3Net uses.
+        verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+        vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+        try:
+            colours.SetMRMLScene(scene)
+            app.SetModuleLogic("Colors", colours)
+            colours.AddDefaultColorNodes()
+        finally:
+            vtk.vtkLogger.SetStderrVerbosity(verbosity)
         self.logics["Colors"] = colours
         for name, logic in (
             ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic()),
@@ -73,6 +83,10 @@ class HeadlessApplication:
             logic.SetMRMLScene(scene)
             app.SetModuleLogic(name, logic)
             self.logics[name] = logic
+        # The application sets its home at start-up; without one, markups and rulers warn
+        # "Home directory is not set" on every render. Set after the colours, which would
+        # otherwise look for colour files that the wheel does not ship.
+        app.SetHomeDirectory(os.path.dirname(slicer.__file__))
         return self
 
     @property
@@ -90,6 +104,12 @@ class OffscreenViews:
         self.scene = scene
         self.size = size
         self.slice_logics = {}
+        # ``Slicer --no-main-window`` never calls setLayoutManager, the one place that gives the
+        # application logic its slice and view logics: they are None there.
+        if application_logic.GetSliceLogics() is None:
+            application_logic.SetSliceLogics(vtk.vtkCollection())
+        if application_logic.GetViewLogics() is None:
+            application_logic.SetViewLogics(vtk.vtkCollection())
         for name in SLICE_VIEWS:
             logic = slicer.vtkMRMLSliceLogic()
             logic.SetMRMLScene(scene)
@@ -148,6 +168,10 @@ class OffscreenViews:
         interactor.SetRenderWindow(window)
         interactor.Initialize()
         factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
+        if factory.GetMRMLApplicationLogic() is None:
+            factory.SetMRMLApplicationLogic(self._application_logic)
+        # Without a 3D view widget the application registers only the modules' managers
+        # (volume rendering, markups), not the model, camera and view managers.
         for manager in THREE_D_MANAGERS:
             if not factory.IsDisplayableManagerRegistered(manager):
                 factory.RegisterDisplayableManager(manager)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +44,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))  # M3NetSlicerLib beside Scripts/ (source tree and install)
+    absent = _missing_packages()
+    if absent:
+        from M3NetSlicerLib.dependencies import install_hint
+
+        print(f"m3net_batch: error: missing Python packages: {', '.join(absent)}; {install_hint(absent)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         return run(args)
     except Exception as err:  # one line for the user, whatever failed
@@ -59,11 +66,22 @@ def main(argv: list[str]) -> int:
         return 2
 
 
+def _missing_packages() -> list[str]:
+    """What this script needs and cannot import, checked before anything heavy is imported."""
+    import importlib.util
+
+    from M3NetSlicerLib.dependencies import missing_all
+
+    absent = missing_all()
+    if importlib.util.find_spec("slicer") is None:  # plain Python without the slicer-core wheel
+        absent.append("slicer-core")
+    return absent
+
+
 def run(args: argparse.Namespace) -> int:
-    if str(HERE.parent) not in sys.path:
-        sys.path.insert(0, str(HERE.parent))  # M3NetSlicerLib beside Scripts/ in the source tree
     from M3NetSlicerLib.convert import update_volume_node_from_image
     from M3NetSlicerLib.logic import M3NetLogic
+    from M3NetSlicerLib.scene_files import save_scene
 
     import m3netcore
     from m3netcore.geometry import lps_to_ras
@@ -91,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     views = None
     if not args.no_render:
         views = _views(scene, application_logic)
+        if views.with_3d:
+            from M3NetSlicerLib.display import show_ct_in_3d
+
+            show_ct_in_3d(volume_rendering_logic, volume)
     output = logic.run(
         volume,
         markups,
@@ -106,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     write_results(results, labels, out, source={"image": str(args.volume), "points": str(args.points)})
     if views is not None:
         _render_nodules(logic, output, views, out)
-    _save_scene(scene, out / "scene")
+    save_scene(scene, out / "scene")
     for nodule in output.nodules:
         result = nodule.result
         print(f"{nodule.label}: p={result.probability:.3f} ({result.label})")
@@ -115,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _application():
-    """The running Slicer's scene and logics, or a headless application on the wheel."""
+    """The running Slicer's scene and logics, or a headless application on the wheel.
+
+    In ``Slicer --no-main-window`` the application logic has no slice or view logics;
+    :class:`OffscreenViews` makes the ones the PNGs need.
+    """
     import slicer
 
     if hasattr(slicer, "app"):
@@ -156,46 +182,6 @@ def _render_nodules(logic, output, views, out: Path) -> None:
         row = np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels], axis=1)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", nodule.label).strip("._") or "nodule"
         write_png(row, out / f"{nodule.number:02d}_{safe}.png")
-
-
-def _save_scene(scene, folder: Path) -> None:
-    """The scene as ``folder/scene.mrml`` with every node's data beside it, replaced whole."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        used: set[str] = set()
-        nodes = scene.GetNodesByClass("vtkMRMLStorableNode")
-        for index in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(index)
-            if not node.GetSaveWithScene():
-                continue
-            if node.IsA("vtkMRMLColorNode") and not node.GetAttribute("M3Net.Role"):
-                continue  # Slicer's built-in colour tables come with Slicer
-            storage = node.GetStorageNode()
-            if storage is None:
-                node.AddDefaultStorageNode()
-                storage = node.GetStorageNode()
-                if storage is None:  # nothing to store (e.g. a procedural node)
-                    continue
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", node.GetName() or node.GetID()).strip("._") or "node"
-            while stem in used:
-                stem += "_"
-            used.add(stem)
-            path = staging / f"{stem}.{storage.GetDefaultWriteFileExtension()}"
-            storage.SetFileName(str(path))
-            if not storage.WriteData(node):
-                raise OSError(f"could not write {node.GetName()!r} into the scene folder")
-        scene.SetRootDirectory(str(staging))
-        scene.SetURL(str(staging / "scene.mrml"))
-        if not scene.Commit():
-            raise OSError(f"could not write {staging / 'scene.mrml'}")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-        scene.SetRootDirectory(str(folder))
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,42 @@ def test_batch_writes_what_m3net_predict_writes(batch_run, inputs, tmp_path):
     assert "N-1 suspicious: p=" in done.stdout
 
 
+def test_batch_prints_no_noise(batch_run):
+    """No VTK error or warning lines that make a user think the run failed."""
+    _, done = batch_run
+    for noise in ("ERR|", "WARN|", "Home directory is not set", "Failed to load presets", "Traceback"):
+        assert noise not in done.stderr, done.stderr[-2000:]
+
+
+def test_batch_runs_in_slicer_without_a_main_window(inputs, tmp_path):
+    """The README's command: ``Slicer --no-main-window --python-script`` has no slice or view logics."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("no_main_window.py")), str(SCRIPT),
+         "--volume", str(inputs / "ct.nrrd"), "--points", str(inputs / "nodules.mrk.json"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads((out / "results.json").read_text())["nodules"]) == 2
+    assert (out / "scene" / "scene.mrml").is_file()
+    pngs = sorted(out.glob("0*_*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_batch_without_its_packages_says_what_to_install(inputs, tmp_path):
+    """Python without site-packages (-S): nothing but the standard library, as in a fresh Slicer."""
+    done = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--volume", str(inputs / "ct.nrrd"),
+         "--points", str(inputs / "nodules.mrk.json"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("m3net_batch: error: missing Python packages: torch>=2.2, numpy>=1.24")
+    assert "safetensors" in line and "slicer-core" in line and "PyTorch extension" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_saves_a_scene_that_loads_back(batch_run):
     out, _ = batch_run
     scene_file = out / "scene" / "scene.mrml"

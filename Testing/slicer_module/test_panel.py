@@ -175,7 +175,8 @@ def test_apply_save_close_reload_then_show_nodule_2(app, small_chest, tmp_path):
     assert composite.GetForegroundVolumeID() == second.heatmap_nodes["meso"].GetID()
     assert composite.GetBackgroundVolumeID() == ct.GetID()
     assert views.slice_node("Red").GetSliceToRAS().GetElement(2, 3) == pytest.approx(second.point_ras[2], abs=1e-3)
-    rois = {roi.GetAttribute("M3Net.Scale"): roi for roi in scene_outputs.outputs(reopened.scene, ct.GetID(), "fov-roi")}
+    boxes = scene_outputs.outputs(reopened.scene, ct.GetID(), "fov-roi")
+    rois = {roi.GetAttribute("M3Net.Scale"): roi for roi in boxes}
     centre = [0.0, 0.0, 0.0]
     rois["macro"].GetCenter(centre)
     assert centre == pytest.approx(second.point_ras, abs=1e-4)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -85,10 +88,11 @@ def test_predict_writes_results_and_heatmaps(tmp_path, capsys, ct_path, untraine
     assert [float(row["probability"]) for row in rows] == pytest.approx(
         [n["probability"] for n in document["nodules"]], abs=1e-4
     )
-    written = {p.name for p in out.iterdir()} - {".m3net-files.json"}
-    assert written == {"results.json", "results.csv"} | {
+    written = {"results.json", "results.csv"} | {
         name for n in document["nodules"] for name in n["heatmap_files"].values()
     }
+    assert {p.name for p in out.iterdir()} == written | {".m3net-files.json"}  # no lock, no staging left
+    assert set(json.loads((out / ".m3net-files.json").read_text())["files"]) == written
 
 
 def test_predict_reads_ras_markups(tmp_path, capsys, ct_path, untrained_model_file, phantom) -> None:
@@ -196,6 +200,8 @@ BAD_INPUTS: dict[str, tuple[BadInput, str]] = {
     "missing-model": (lambda d, ct, m: [ct, "--point", "1,1,1", "--model", d / "absent.safetensors"], "no model file"),
     "no-points": (lambda d, ct, m: [ct, "--model", m], "no points"),
     "bad-point-text": (lambda d, ct, m: [ct, "--point", "1,2", "--model", m], "X,Y,Z"),
+    "empty-field-in-point": (lambda d, ct, m: [ct, "--point", "1,,2,3", "--model", m], "three numbers X,Y,Z"),
+    "non-finite-point": (lambda d, ct, m: [ct, "--point", "nan,1,2", "--model", m], "finite"),
     "series-for-a-file": (lambda d, ct, m: [ct, "--point", "1,1,1", "--series", "1.2.3", "--model", m], "DICOM"),
 }
 
@@ -301,3 +307,199 @@ def test_model_info_of_a_corrupt_file_gives_one_error_line(tmp_path, capsys, unt
     code, _, stderr = run(capsys, "model-info", "--model", path)
     assert code == 2
     assert len(stderr.splitlines()) == 1 and stderr.startswith("m3net: error: ")
+
+
+# --- output folders, failed writes, what users type (issue 13) ---------------------------------
+
+
+def predict_argv(ct_path, model, out, *points, extra=()) -> list:
+    argv = ["predict", ct_path]
+    for point in points:
+        argv += ["--point", point_text(point)]
+    return [*argv, *extra, "--model", model, "--device", "cpu", "--out", out]
+
+
+def test_a_rerun_with_fewer_points_replaces_the_set_and_keeps_the_users_files(
+    tmp_path, capsys, ct_path, untrained_model_file, phantom
+) -> None:
+    nodule = phantom.NODULE_LPS
+    near = [(nodule[0] + d, nodule[1], nodule[2]) for d in (0.0, 3.0, -3.0)]
+    out = tmp_path / "out"
+    assert run(capsys, *predict_argv(ct_path, untrained_model_file, out, *near))[0] == 0
+    assert len(list(out.glob("*_heatmap_*.nrrd"))) == 12
+    (out / "my notes.txt").write_text("reader's notes")
+
+    code, _, stderr = run(capsys, *predict_argv(ct_path, untrained_model_file, out, nodule))
+
+    assert code == 0, stderr
+    (entry,) = json.loads((out / "results.json").read_text())["nodules"]
+    heatmaps = sorted(p.name for p in out.glob("*_heatmap_*.nrrd"))
+    assert heatmaps == sorted(entry["heatmap_files"].values())  # no heatmap of the 3-nodule run left
+    assert (out / "my notes.txt").read_text() == "reader's notes"
+
+
+def test_a_second_run_into_a_held_folder_is_refused(tmp_path, capsys, ct_path, untrained_model_file, phantom) -> None:
+    from test_outputs import held_by_another_process  # Testing/core is on sys.path (no __init__.py)
+
+    out = tmp_path / "out"
+    with held_by_another_process(out) as holder:
+        code, stdout, stderr = run(capsys, *predict_argv(ct_path, untrained_model_file, out, phantom.NODULE_LPS))
+        assert code == 2 and stdout == ""
+        assert stderr.splitlines() == [
+            f"m3net: error: {out} is in use by another m3net run (process {holder.pid} on {os.uname().nodename}); "
+            "wait for it to finish or choose another output folder"
+        ]
+    assert sorted(p.name for p in out.iterdir()) == [".m3net-files.json", "from-holder.txt"]  # only the holder's
+
+
+def test_negative_first_coordinates_are_points_not_options(
+    tmp_path, capsys, ct_path, untrained_model_file, phantom
+) -> None:
+    x, y, z = phantom.NODULE_LPS
+    ras = f"{-x},{-y},{z}"  # -12.3,20.7,31.9
+    assert ras.startswith("-")
+    argv = ["predict", ct_path, "--point", ras, "--coords", "ras", "--no-explain", "--model", untrained_model_file,
+            "--device", "cpu", "--out", tmp_path / "out"]  # fmt: skip
+    code, stdout, stderr = run(capsys, *argv)
+    assert code == 0, stderr
+    (entry,) = json.loads((tmp_path / "out" / "results.json").read_text())["nodules"]
+    assert entry["point_lps"] == pytest.approx([x, y, z])
+    with pytest.raises(SystemExit):  # an option where a point belongs is still an argparse error
+        main(["predict", str(ct_path), "--point", "--no-explain", "--out", str(tmp_path / "o")])
+
+
+def test_a_very_long_label_gives_results_with_a_short_file_name(
+    tmp_path, capsys, ct_path, untrained_model_file, phantom
+) -> None:
+    label = "left upper lobe " * 40  # 640 characters: a file name holds 255 bytes
+    points = write_text(tmp_path / "points.csv", "label,x,y,z\n" + f"{label},{point_text(phantom.NODULE_LPS)}\n")
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "predict", ct_path, "--points", points, "--model", untrained_model_file,
+                          "--device", "cpu", "--out", out)  # fmt: skip
+    assert code == 0, stderr
+    (entry,) = json.loads((out / "results.json").read_text())["nodules"]
+    assert entry["label"] == label.strip()
+    assert all(len(name) < 100 and (out / name).is_file() for name in entry["heatmap_files"].values())
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+from m3netcore.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_limited(file_size_limit: int, argv: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(file_size_limit), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_leaves_the_earlier_results_whole_and_says_so_in_one_line(
+    tmp_path, ct_path, untrained_model_file, phantom
+) -> None:
+    nodule = phantom.NODULE_LPS
+    out = tmp_path / "out"
+    first = run_limited(0, predict_argv(ct_path, untrained_model_file, out, nodule))
+    assert first.returncode == 0, first.stderr
+    before = snapshot(out)
+    second_point = (nodule[0] + 2.0, nodule[1], nodule[2])
+
+    # every heatmap is larger than 2 kB, so the first one written hits the limit
+    failed = run_limited(2000, predict_argv(ct_path, untrained_model_file, out, nodule, second_point))
+
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr and len(failed.stderr.splitlines()) == 1, failed.stderr
+    assert failed.stderr.startswith(f"m3net: error: {out}/01_P-1_heatmap_")
+    assert "could not be written" in failed.stderr or "No space left" in failed.stderr
+    assert snapshot(out) == before  # the earlier run's set, byte for byte, and nothing else
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str, *, read_only: bool = False):
+    """A real tmpfs (root only); skips where it cannot be mounted."""
+    folder.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                             check=False) if os.geteuid() == 0 else None  # fmt: skip
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_enospc_on_a_small_tmpfs_is_one_line_and_leaves_nothing(tmp_path, ct_path, untrained_model_file, phantom):
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
+        out = disk / "out"
+        many = [(phantom.NODULE_LPS[0] + d, *phantom.NODULE_LPS[1:]) for d in range(-8, 9, 2)]
+        failed = run_limited(0, predict_argv(ct_path, untrained_model_file, out, *many))
+        assert failed.returncode == 2
+        assert len(failed.stderr.splitlines()) == 1 and failed.stderr.startswith(f"m3net: error: {out}/")
+        assert "No space left on device" in failed.stderr
+        assert list(disk.iterdir()) == []  # not even the folder the run made
+
+
+def test_a_read_only_folder_is_named_not_a_hidden_file(tmp_path, capsys, ct_path, untrained_model_file, phantom):
+    if os.geteuid() == 0:
+        context = small_tmpfs(tmp_path / "ro", "64k", read_only=True)
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        context = contextlib.nullcontext(tmp_path / "ro")
+    with context as read_only:
+        for out in (read_only, read_only / "new"):
+            code, _, stderr = run(capsys, *predict_argv(ct_path, untrained_model_file, out, phantom.NODULE_LPS))
+            assert code == 2
+            assert stderr.splitlines() == [stderr.strip()]
+            assert stderr.startswith(f"m3net: error: {read_only}: cannot write into this folder (")
+            assert ".m3net" not in stderr and ".partial" not in stderr
+
+
+def test_results_have_the_permissions_the_umask_gives(tmp_path, capsys, ct_path, untrained_model_file, phantom):
+    previous = os.umask(0o027)
+    try:
+        argv = predict_argv(ct_path, untrained_model_file, tmp_path / "out", phantom.NODULE_LPS)
+        code, _, stderr = run(capsys, *argv)
+    finally:
+        os.umask(previous)
+    assert code == 0, stderr
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {0o640}
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+MEMORY_RUN = """
+import resource, sys
+from m3netcore.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def test_memory_does_not_grow_with_the_number_of_points(tmp_path, ct_path, untrained_model_file, phantom) -> None:
+    """Today's chunks hold 16 points; 160 points held together need ~350 MB more than 8 (2.2 MB each)."""
+    peaks = {}
+    rng = np.random.default_rng(0)
+    for count in (8, 160):
+        offsets = rng.uniform(-6.0, 6.0, size=(count, 3))
+        points = tmp_path / f"points-{count}.csv"
+        points.write_text("x,y,z\n" + "".join(point_text(np.add(phantom.NODULE_LPS, o)) + "\n" for o in offsets))
+        completed = subprocess.run(
+            [sys.executable, "-c", MEMORY_RUN, "predict", str(ct_path), "--points", str(points),
+             "--model", str(untrained_model_file), "--device", "cpu", "--out", str(tmp_path / f"out-{count}")],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        peaks[count] = int(completed.stdout.splitlines()[-1]) / 1024  # MiB
+        assert len(list((tmp_path / f"out-{count}").glob("*_heatmap_combined.nrrd"))) == count
+    assert peaks[160] - peaks[8] < 100, peaks

@@ -349,6 +349,9 @@ def test_a_second_run_into_a_held_folder_is_refused(tmp_path, capsys, ct_path, u
             f"m3net: error: {out} is in use by another m3net run (process {holder.pid} on {os.uname().nodename}); "
             "wait for it to finish or choose another output folder"
         ]
+        for command in (["train", "--fold", "0"], ["cv"]):  # training runs are refused too, before any work
+            code, _, stderr = run(capsys, *command, "--data", tmp_path / "no-cache", "--out", out)
+            assert code == 2 and f"{out} is in use by another m3net run" in stderr
     assert sorted(p.name for p in out.iterdir()) == [".m3net-files.json", "from-holder.txt"]  # only the holder's
 
 

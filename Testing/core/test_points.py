@@ -225,3 +225,39 @@ def test_parse_point_reads_a_triple(text: str, expected) -> None:
 def test_parse_point_rejects_what_is_not_a_triple(text: str) -> None:
     with pytest.raises(M3NetInputError, match="X,Y,Z"):
         parse_point(text)
+
+
+@pytest.mark.parametrize("text", ["1,,2,3", "1,2,3,", ",1,2", "nan,1,2", "1,inf,2"])
+def test_parse_point_rejects_empty_fields_and_non_finite_numbers(text: str) -> None:
+    with pytest.raises(M3NetInputError, match="X,Y,Z|finite"):
+        parse_point(text)
+
+
+def test_luna25_files_are_matched_by_their_series_instance_uid_column(tmp_path) -> None:
+    text = ("PatientID,SeriesInstanceUID,StudyDate,CoordX,CoordY,CoordZ,LesionID,label\n"
+            f"100,{SERIES_A},20000102,-128.5,-175.25,-298.0,1,1\n"
+            f"101,{SERIES_B},20000102,69.5,-140.0,876.0,1,0\n")  # fmt: skip
+    path = write_text(tmp_path / "LUNA25_Public_Training_Development_Data.csv", text)
+    assert read_points(path, series_uid=SERIES_B) == [LabeledPoint("N-1", (69.5, -140.0, 876.0))]
+
+
+def test_points_for_image_keeps_the_rows_of_a_luna16_scan_named_by_its_uid(tmp_path, small_ct) -> None:
+    import SimpleITK as sitk
+
+    from m3netcore import read_image
+    from m3netcore.points import points_for_image
+
+    annotations = write_text(tmp_path / "annotations.csv", LUNA16_TEXT)
+    scan = tmp_path / f"{SERIES_B}.mhd"
+    sitk.WriteImage(small_ct, str(scan))
+    image = read_image(scan)
+
+    assert points_for_image(annotations, image, scan) == [LabeledPoint("N-1", (69.63901724, -140.9445859, 876.3744957))]
+    with pytest.raises(M3NetInputError, match="annotates 2 series"):
+        points_for_image(annotations, image)  # without the path the series is unknown
+
+
+def test_unique_labels_number_repeats() -> None:
+    from m3netcore.points import unique_labels
+
+    assert unique_labels(iter(["N-1", "N-1", "P-1"])) == ["N-1", "N-1-2", "P-1"]

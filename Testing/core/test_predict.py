@@ -179,3 +179,18 @@ def test_predict_rejects_a_2d_image(network) -> None:
     flat = sitk.Image([64, 64], sitk.sitkInt16)
     with pytest.raises(M3NetInputError, match="2D"):
         predict(network, flat, [(1.0, 1.0, 0.0)], device="cpu")
+
+
+def test_iter_predict_in_chunks_matches_predict_and_checks_every_point_first(network, small_ct, phantom) -> None:
+    from m3netcore.predict import iter_predict
+
+    points = [phantom.NODULE_LPS, other_point(phantom), tuple(np.add(phantom.NODULE_LPS, (3.0, -2.0, 1.0)))]
+    together = predict(network, small_ct, points, device="cpu", explain=False)
+
+    chunked = list(iter_predict(network, small_ct, points, device="cpu", explain=False, chunk_size=2))
+
+    assert [r.probability for r in chunked] == pytest.approx([r.probability for r in together], abs=1e-5)
+    with pytest.raises(M3NetInputError, match="outside"):  # raised at the call, before any chunk is computed
+        iter_predict(network, small_ct, [*points, (500.0, 0.0, 0.0)], device="cpu")
+    with pytest.raises(ValueError, match="chunk_size"):
+        iter_predict(network, small_ct, points, chunk_size=0)

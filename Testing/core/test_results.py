@@ -12,8 +12,8 @@ import tomllib
 import m3netcore
 from m3netcore.atomic import atomic_path, write_text_atomic
 from m3netcore.checkpoint import read_registry
-from m3netcore.points import unique_labels as _unique
 from m3netcore.errors import ModelFileError
+from m3netcore.points import unique_labels as _unique
 from m3netcore.results import heatmap_filename
 
 
@@ -72,3 +72,28 @@ def test_every_bundled_weights_file_is_declared_as_package_data():
     assert "weights/registry.json" in shipped
     for name in shipped:
         assert any(fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_streamed_results_json_is_the_document_json_dumps_would_write(tmp_path, small_ct, phantom):
+    import json
+
+    import torch
+
+    from m3netcore.results import write_results
+
+    torch.manual_seed(0)
+    results = m3netcore.predict(m3netcore.build_model("m3net"), small_ct, [phantom.NODULE_LPS] * 2, device="cpu",
+                                explain=False)  # fmt: skip
+    source = {"image": "ct.nrrd", "note": ["a", 1]}
+
+    document = write_results(results, ["a", "b"], tmp_path / "two", source=source)
+    write_results([], [], tmp_path / "none", source=source)
+
+    assert (tmp_path / "two" / "results.json").read_text() == json.dumps(document, indent=2) + "\n"
+    assert json.loads((tmp_path / "none" / "results.json").read_text())["nodules"] == []
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["results.csv", "results.json"]  # nothing partial
+
+
+def test_heatmap_file_names_stay_short_whatever_the_label():
+    name = heatmap_filename(7, "x" * 1000, "combined")
+    assert name == f"07_{'x' * 60}_heatmap_combined.nrrd"

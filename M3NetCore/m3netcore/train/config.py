@@ -148,7 +148,7 @@ def read_config(path: str | os.PathLike) -> RunConfig:
     try:
         if path.suffix.lower() == ".toml":
             try:
-                import tomllib
+                import tomllib  # novermin (Python 3.10 takes the ImportError branch below)
             except ImportError as err:  # Python 3.10
                 raise M3NetInputError("TOML configs need Python >= 3.11; use a .json config") from err
             values = tomllib.loads(text)

@@ -268,3 +268,17 @@ def _check_rows(rows: list[dict], manifest: Path) -> None:
                 problem = f"{bad[0]} is {row[bad[0]]!r}, not 0, 1 or empty"
         if problem:
             raise M3NetInputError(f"{manifest} line {number}: {problem}")
+    _check_one_fold_per_patient(rows, manifest)
+
+
+def _check_one_fold_per_patient(rows: list[dict], manifest: Path) -> None:
+    """Folds are by patient: a patient's nodules in two folds (or one in none) would train on the test fold."""
+    fold_of: dict[str, tuple[object, int]] = {}
+    for number, row in enumerate(rows, start=2):
+        patient = str(row["patient_id"])
+        first = fold_of.setdefault(patient, (row.get("fold"), number))
+        if first[0] != row.get("fold"):
+            raise M3NetInputError(
+                f"{manifest} line {number}: patient {patient!r} is in fold {row.get('fold')!r} here and in fold "
+                f"{first[0]!r} on line {first[1]}; folds are by patient, or a held-out score is not held out"
+            )

@@ -20,7 +20,7 @@ import torch
 from m3netcore.atomic import write_text_atomic
 from m3netcore.checkpoint import Model, load_model
 from m3netcore.data.baselines import _with_interval as patient_bootstrap  # one bootstrap for every table
-from m3netcore.data.cache import open_cache
+from m3netcore.data.cache import cache_digest, open_cache
 from m3netcore.data.labels import DEFAULT_PROTOCOL, check_protocol
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
@@ -131,23 +131,73 @@ def evaluate_model(
     patients = [cache.rows[i]["patient_id"] for i in chosen]
     called = probabilities >= model.threshold
     metrics = classification_metrics(probabilities, called, labels, patients)
+    recognised_by = trained_on_this_cache(model, cache, protocol)
+    seen_patients = patients_seen_in_training(model, patients)
     report = {
         "model": str(model_path), "model_name": model.name, "architecture": model.architecture,
         "data": str(cache.path), "data_kind": cache.info.get("kind"), "semi_synthetic": cache.semi_synthetic,
         "protocol": protocol, "fold": fold, "threshold": model.threshold, "temperature": model.temperature,
-        "trained_on_this_data": training.get("data") is not None
-        and Path(training["data"]).resolve() == Path(cache.path).resolve(),
+        "trained_on_this_data": recognised_by is not None, "recognised_by": recognised_by,
         "metrics": metrics,
     }  # fmt: skip
     # on its own cache a model is tested fairly only on the fold it held out
     report["held_out_fold"] = held_out
-    report["seen_in_training"] = report["trained_on_this_data"] and (held_out is None or fold != int(held_out))
+    report["seen_patients"] = seen_patients
+    report["seen_in_training"] = bool(seen_patients) or (
+        report["trained_on_this_data"] and (held_out is None or fold != int(held_out))
+    )
     rows = [
         {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"],
          "fold": cache.rows[i]["fold"], "label": int(y), "probability": round(float(p), 6), "called": int(c)}
         for i, y, p, c in zip(chosen, labels, probabilities, called, strict=True)
     ]  # fmt: skip
     return write_report(report, probabilities, labels, out, predictions=rows)
+
+
+def trained_on_this_cache(model: Model, cache, protocol: str) -> str | None:
+    """How the model is known to have been trained on ``cache`` (by content), or None.
+
+    - ``"cache digest"``: the model file records the digest of the cache it trained on
+      (:func:`m3netcore.data.cache.cache_digest`: nodules, patients, folds, labels, grids),
+      whatever path either has now;
+    - ``"nodule counts"``: files from before the digest was kept (the bundled
+      ``lidc-phantom`` 0.2.0) record the kind of cache and how many nodules, and how many
+      malignant, trained, validated and were held out; the same kind of cache with exactly
+      those counts under the model's protocol is taken for its own;
+    - ``"path"``: the cache is where the model's training cache was.
+    """
+    training = model.metadata.get("training", {}) if isinstance(model.metadata, dict) else {}
+    if not isinstance(training, dict):
+        return None
+    if training.get("cache_digest") is not None:
+        return "cache digest" if training["cache_digest"] == cache_digest(cache) else None
+    split = training.get("split")
+    if isinstance(split, dict) and training.get("data_kind") == cache.info.get("kind"):
+        column = f"label_{training.get('protocol', protocol)}"
+        labels = [row[column] for row in cache.rows if row.get(column) is not None]
+        try:
+            parts = [split[part] for part in ("train", "validation", "test")]
+            nodules, malignant = sum(int(p["nodules"]) for p in parts), sum(int(p["malignant"]) for p in parts)
+        except (KeyError, TypeError, ValueError):
+            nodules = malignant = -1
+        if labels and (nodules, malignant) == (len(labels), sum(labels)):
+            return "nodule counts"
+    data = training.get("data")
+    if isinstance(data, str) and Path(data).resolve() == Path(cache.path).resolve():
+        return "path"
+    return None
+
+
+def patients_seen_in_training(model: Model, patients: Sequence[str]) -> int:
+    """How many of ``patients`` trained or selected the model (the model file keeps their hashed ids)."""
+    from m3netcore.train.run import patient_hash
+
+    trained_on = model.metadata.get("trained_on", {}) if isinstance(model.metadata, dict) else {}
+    known = trained_on.get("patients_sha256") if isinstance(trained_on, dict) else None
+    if not isinstance(known, list):
+        return 0
+    known = set(known)
+    return len({p for p in patients if patient_hash(p) in known})
 
 
 @torch.inference_mode()
@@ -194,6 +244,9 @@ def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, ou
 
 def seen_warning(report: dict) -> str:
     """Why a report on nodules the model trained or was selected on is not a held-out test."""
+    if not report.get("trained_on_this_data"):
+        return (f"{report.get('seen_patients')} of the {report['metrics']['patients']} patients evaluated trained or "
+                "selected this model: not a held-out test")  # fmt: skip
     where = "every nodule" if report.get("fold") is None else f"fold {report['fold']}"
     return (f"{where} evaluated, and the model was trained on this cache with "
             f"{'no fold' if report.get('held_out_fold') is None else 'fold ' + str(report['held_out_fold'])} held "

@@ -19,6 +19,7 @@ maximises their balanced accuracy. Under ``torchrun`` the same code trains data-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from m3netcore.train.dataset import Split, ViewSource, split_cache
 from m3netcore.train.loop import fit_temperature
 from m3netcore.train.metrics import best_threshold, roc_auc
 from m3netcore.train.progress import ProgressBar
-from m3netcore.train.trainer import Trainer, predict_logits
+from m3netcore.train.trainer import Trainer, TrainingDivergedError, predict_logits
 
 MODEL_FILE = "model.safetensors"
 
@@ -103,7 +104,8 @@ def _train(cache: Cache, split: Split, model_name: str, fold: int | None, out: P
     source = ViewSource(cache, architecture(model_name).preprocessing(), config, processes.device,
                         keep_untransformed=True)  # validation views, made once
     trainer = Trainer(model_name, split, source, config, processes, out, say,
-                      ProgressBar(enabled=None if progress and processes.main else False))  # fmt: skip
+                      ProgressBar(enabled=None if progress and processes.main else False),
+                      identity=checkpoint_identity(model_name, fold, cache, config))  # fmt: skip
     if resume:
         trainer.resume()
         say(f"resumed {out} after epoch {trainer.epochs_done}/{config.epochs}")
@@ -133,10 +135,15 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: 
     network, source, best, history = trainer.network, trainer.source, trainer.best, trainer.history
     network.load_state_dict(best["network"])
     validation_logits = predict_logits(network, source, split.validation)
+    test_logits = predict_logits(network, source, split.test)
+    if not (np.all(np.isfinite(validation_logits)) and np.all(np.isfinite(test_logits))):
+        raise TrainingDivergedError(
+            f"the selected epoch {best['epoch']} gives logits that are not finite numbers: no model or "
+            "predictions written; lower learning_rate and start again"
+        )
     validation_labels = split.labels_of(split.validation)
     temperature = fit_temperature(validation_logits, validation_labels)
     threshold = best_threshold(_sigmoid(validation_logits / temperature), validation_labels)
-    test_logits = predict_logits(network, source, split.test)
     test_labels = split.labels_of(split.test)
     test_probabilities = _sigmoid(test_logits / temperature)
     test_auc = roc_auc(test_probabilities, test_labels) if len(set(test_labels.tolist())) == 2 else None
@@ -155,7 +162,8 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: 
         "data_kind": cache.info.get("kind"), "semi_synthetic": cache.semi_synthetic,
         "data_description": cache.info.get("description", ""), "config": config.to_dict(),
         "processes": trainer.processes.world_size, "seconds": round(sum(r["seconds"] for r in history), 1),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "cache_digest": cache_digest(cache),
+        "trained_folds": sorted({cache.rows[i]["fold"] for i in (*split.train, *split.validation)} - {None}),
     }  # fmt: skip
     plain = build_model(model_name, config.model_config or None)  # plain batch norm for the model file
     plain.load_state_dict(best["network"])
@@ -163,7 +171,7 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: 
         network=plain, architecture=model_name, preprocessing=architecture(model_name).preprocessing(),
         temperature=temperature, threshold=threshold, name=f"{model_name}-{_fold_name(fold).replace(' ', '')}",
         version="0",
-        card=model_card(summary), metadata={"training": summary},
+        card=model_card(summary), metadata={"training": summary, "trained_on": trained_on(cache, split)},
     )  # fmt: skip
     save_model(model, out / MODEL_FILE)
     say(
@@ -227,6 +235,28 @@ def _run_config(out: Path, config: RunConfig | None, resume: bool) -> RunConfig:
     if out.exists() and (not out.is_dir() or user_entries(out)):  # m3net's hidden lock does not count
         raise M3NetInputError(f"{out} exists and is not an empty folder; use --resume or another --out")
     return config or RunConfig()
+
+
+def trained_on(cache: Cache, split: Split) -> dict:
+    """What a model file keeps of the nodules that trained or selected it, to recognise them later by content.
+
+    ``patients_sha256``: the first 16 hex digits of the SHA-256 of each training and
+    validation patient's id (no ids in a file that may be shared); ``evaluate`` hashes the
+    patients it scores the same way and says so when any of them is among these.
+    """
+    patients = {str(cache.rows[i]["patient_id"]) for i in (*split.train, *split.validation)}
+    return {"cache_digest": cache_digest(cache), "patients_sha256": sorted(patient_hash(p) for p in patients)}
+
+
+def patient_hash(patient_id: object) -> str:
+    """The short, one-way name of a patient id kept in model files."""
+    return hashlib.sha256(str(patient_id).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(model_name: str, fold: int | None, cache: Cache, config: RunConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it (see :meth:`Trainer.resume`)."""
+    return {"fold": fold, "architecture": model_name, "cache_digest": cache_digest(cache), "seed": config.seed,
+            "config": config.to_dict()}  # fmt: skip
 
 
 def _fold_name(fold: int | None) -> str:

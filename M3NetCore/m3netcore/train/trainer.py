@@ -38,6 +38,11 @@ from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
 from m3netcore.train.progress import ProgressBar
 
+
+class TrainingDivergedError(M3NetInputError):
+    """The loss or the weights stopped being finite numbers: the run stops before it writes them."""
+
+
 PLOT_EVERY_S = 60.0
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "bce_loss", "mi_loss", "vote_loss", "val_auc", "val_loss", "lr", "seconds",
@@ -56,11 +61,14 @@ class Trainer:
         out: the run folder (written by the main process only).
         say: progress lines (silent in the other processes).
         progress: the progress bar; while it draws, the periodic step lines are left out.
+        identity: what makes this run this run (fold, architecture, cache digest, seed,
+            settings); kept in every checkpoint, and a checkpoint of another run is refused
+            by :meth:`resume`.
     """
 
     def __init__(self, model_name: str, split: Split, source: ViewSource, config: RunConfig,
                  processes: distributed.Processes, out: Path, say: Callable[[str], None],
-                 progress: ProgressBar | None = None) -> None:  # fmt: skip
+                 progress: ProgressBar | None = None, *, identity: dict | None = None) -> None:  # fmt: skip
         if config.batch_size % processes.world_size:
             raise M3NetInputError(
                 f"batch_size {config.batch_size} does not split evenly over {processes.world_size} processes"
@@ -71,6 +79,7 @@ class Trainer:
                 f"{len(split.train)} training nodules are fewer than one batch of {config.batch_size}"
             )
         self.split = split
+        self.identity = identity or {}
         self.source = source
         self.config = config
         self.processes = processes
@@ -120,6 +129,7 @@ class Trainer:
         if not (self.out / CHECKPOINT_FILE).is_file():
             return
         state = load_checkpoint(self.out / CHECKPOINT_FILE)
+        self._check_checkpoint_is_this_runs(state.get("run"))
         if state["world_size"] != self.processes.world_size:
             raise M3NetInputError(
                 f"{self.out} was trained by {state['world_size']} process(es); resume it with as many, "
@@ -133,6 +143,26 @@ class Trainer:
         # a run begun before a column existed (vote_loss) resumes with that cell empty
         self.history = [{key: row.get(key) for key in METRIC_COLUMNS} for row in state["history"]]
 
+    def _check_checkpoint_is_this_runs(self, stored: object) -> None:
+        """A checkpoint copied from another run (another fold, seed, model or cache) would
+        train on this run's test fold or report another run's selection: refuse it."""
+        path = self.out / CHECKPOINT_FILE
+        if not self.identity:
+            return
+        if not isinstance(stored, dict):
+            raise M3NetInputError(
+                f"--resume: {path} does not record which run wrote it (fold, seed, model, cache), so it cannot be "
+                "checked against this run; start the run again in a new folder"
+            )
+        differ = [f"{key} {stored.get(key)!r} (this run's {value!r})" for key, value in self.identity.items()
+                  if key != "config" and stored.get(key) != value]  # fmt: skip
+        settings = stored.get("config") or {}
+        differ += [f"setting {key} {settings.get(key)!r} (this run's {value!r})"
+                   for key, value in sorted(self.identity.get("config", {}).items())
+                   if key != "seed" and settings.get(key) != value]  # fmt: skip
+        if differ:
+            raise M3NetInputError(f"--resume: {path} is another run's checkpoint: its {'; '.join(differ)}")
+
     def train(self, stop_after_epoch: int | None = None) -> bool:
         """Train the remaining epochs; ``False`` if stopped early (as asked) before the last one."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3net-views") as prefetch:
@@ -140,6 +170,7 @@ class Trainer:
                 epoch = self.epochs_done
                 started = time.perf_counter()
                 losses = self._train_epoch(epoch, prefetch)
+                self._stop_if_diverged(losses, epoch)
                 self.epochs_done += 1
                 last = self.epochs_done in (self.config.epochs, stop_after_epoch)
                 self._end_epoch(losses, time.perf_counter() - started, plot=last)
@@ -147,6 +178,24 @@ class Trainer:
                     return False
         self._check_processes_agree()
         return True
+
+    def _stop_if_diverged(self, losses: torch.Tensor, epoch: int) -> None:
+        """Raise :class:`TrainingDivergedError` if the epoch's losses or the weights are not finite.
+
+        Checked before the epoch's checkpoint is written, so the last checkpoint and the
+        files beside it hold finite numbers only; every process sees the same losses (they
+        are averaged over processes) and the same weights, so all of them stop.
+        """
+        weights_finite = all(bool(torch.isfinite(t).all()) for t in self.network.state_dict().values()
+                             if t.is_floating_point())  # fmt: skip
+        if bool(torch.isfinite(losses).all()) and weights_finite:
+            return
+        what = "the weights" if bool(torch.isfinite(losses).all()) else f"the loss ({float(losses[0])})"
+        raise TrainingDivergedError(
+            f"training diverged in epoch {epoch + 1}: {what} stopped being a finite number "
+            f"(learning_rate {self.config.learning_rate:g}); nothing of this epoch was written and no model "
+            "was made: lower learning_rate and start again"
+        )
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
         """This process's share of each global batch of ``epoch`` (the order depends on seed and epoch only)."""
@@ -233,7 +282,7 @@ class Trainer:
             save_checkpoint(self.out / CHECKPOINT_FILE, {
                 "epoch": epoch, "network": cpu_state(self.network), "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best, "history": self.history,
-                "world_size": self.processes.world_size,
+                "world_size": self.processes.world_size, "run": self.identity,
             })  # fmt: skip
             write_text_atomic(self.out / METRICS_FILE, rows_to_csv(self.history))
             if plot or time.monotonic() - self._plotted_at >= PLOT_EVERY_S:

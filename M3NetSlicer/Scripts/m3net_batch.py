@@ -12,8 +12,10 @@ or under plain Python with the ``slicer-core`` wheel (same arguments)::
 CT is an image file (NRRD, NIfTI, MHA, ...) or a DICOM folder; FILE is a Slicer markups
 file (.mrk.json), a CSV with x,y,z (and label) columns, or a LUNA16 annotations.csv.
 DIR receives results.csv and results.json (the same fields as ``m3net predict``), one
-NRRD per heatmap, the scene (scene/scene.mrml with its files) and one PNG per nodule.
-Failures print one line and exit with status 2; nothing asks a question.
+NRRD per heatmap, the scene (scene/scene.mrml with its files) and one PNG per nodule, all
+at once when the run succeeds (an earlier run's set is replaced; other files are left
+alone; a second run into DIR at the same time is refused). Failures print one line and
+exit with status 2, and DIR is then as it was; nothing asks a question.
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return run(args)
+    except KeyboardInterrupt:
+        print("m3net_batch: interrupted; the output folder is as it was", file=sys.stderr)
+        return 130
     except Exception as err:  # one line for the user, whatever failed
         if os.environ.get("M3NET_DEBUG"):
             raise
         name = type(err).__name__
         message = str(err).strip().splitlines()[0] if str(err).strip() else name
-        if name not in ("M3NetInputError", "ModelFileError", "FileNotFoundError"):
+        expected = {"M3NetInputError", "ModelFileError", "OSError"}  # and their subclasses: the message says it all
+        if not expected & {cls.__name__ for cls in type(err).__mro__}:
             message = f"{name}: {message}"
         print(f"m3net_batch: error: {message}", file=sys.stderr)
         return 2
@@ -79,61 +85,68 @@ def _missing_packages() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from M3NetSlicerLib.convert import update_volume_node_from_image
     from M3NetSlicerLib.logic import M3NetLogic
     from M3NetSlicerLib.scene_files import save_scene
 
     import m3netcore
-    from m3netcore.geometry import lps_to_ras
-    from m3netcore.points import read_points
+    from m3netcore.outputs import OutputFolder
+    from m3netcore.points import points_for_image, unique_labels
     from m3netcore.results import write_results
 
     started = time.perf_counter()
-    image = m3netcore.read_image(args.volume, series_uid=args.series_uid)
-    points = read_points(args.points, coords=args.coords, series_uid=args.series_uid)
-    scene, application_logic, volume_rendering_logic, _keep_alive = _application()
+    # The folder is the run's: a second run into it is refused, and the whole set (results,
+    # heatmaps, PNGs, scene) replaces the previous run's at once, or nothing changes.
+    with OutputFolder(args.out) as staging:
+        image = m3netcore.read_image(args.volume, series_uid=args.series_uid)
+        points = points_for_image(args.points, image, args.volume, coords=args.coords)  # LUNA files: this series
+        scene, application_logic, volume_rendering_logic, _keep_alive = _application()
+        logic = M3NetLogic(scene, volume_rendering_logic)
+        model = logic.load_model(args.model)
+        volume, markups = _input_nodes(scene, image, args.volume, points, unique_labels(p.label for p in points))
+        views = None
+        if not args.no_render:
+            views = _views(scene, application_logic)
+            if views.with_3d:
+                from M3NetSlicerLib.display import show_ct_in_3d
 
-    logic = M3NetLogic(scene, volume_rendering_logic)
-    model = logic.load_model(args.model)
+                show_ct_in_3d(volume_rendering_logic, volume)
+        output = logic.run(
+            volume,
+            markups,
+            model,
+            device=args.device,
+            per_scale=args.per_scale,
+            progress=lambda done, total, label: print(f"[{done}/{total}] {label}", flush=True) if label else None,
+        )
+        labels = [nodule.label for nodule in output.nodules]
+        results = [nodule.result for nodule in output.nodules]
+        write_results(results, labels, staging, source={"image": str(args.volume), "points": str(args.points)})
+        if views is not None:
+            _render_nodules(logic, output, views, staging)
+        save_scene(scene, staging / "scene")
+    for nodule in output.nodules:
+        print(f"{nodule.label}: p={nodule.probability:.3f} ({nodule.prediction})")
+    print(f"{len(results)} nodule(s) on {output.device} in {time.perf_counter() - started:.1f} s -> {args.out}")
+    return 0
+
+
+def _input_nodes(scene, image, volume_path, points, labels):
+    """The CT as a volume node (lung window) and the points as a point list, in ``scene``."""
+    from M3NetSlicerLib.convert import update_volume_node_from_image
+
+    from m3netcore.geometry import lps_to_ras
+
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    volume.SetName(Path(str(args.volume).rstrip("/")).name.split(".")[0] or "CT")
+    volume.SetName(Path(str(volume_path).rstrip("/")).name.split(".")[0] or "CT")
     update_volume_node_from_image(volume, image)
     volume.CreateDefaultDisplayNodes()
     volume.GetDisplayNode().SetAutoWindowLevel(False)
     volume.GetDisplayNode().SetWindowLevel(1500.0, -500.0)  # lung window
     markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     markups.SetName("nodules")
-    for point in points:
-        markups.AddControlPoint(*lps_to_ras(point.lps), point.label)
-
-    views = None
-    if not args.no_render:
-        views = _views(scene, application_logic)
-        if views.with_3d:
-            from M3NetSlicerLib.display import show_ct_in_3d
-
-            show_ct_in_3d(volume_rendering_logic, volume)
-    output = logic.run(
-        volume,
-        markups,
-        model,
-        device=args.device,
-        per_scale=args.per_scale,
-        progress=lambda done, total, label: print(f"[{done}/{total}] {label}".rstrip(), flush=True) if label else None,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [nodule.label for nodule in output.nodules]
-    results = [nodule.result for nodule in output.nodules]
-    write_results(results, labels, out, source={"image": str(args.volume), "points": str(args.points)})
-    if views is not None:
-        _render_nodules(logic, output, views, out)
-    save_scene(scene, out / "scene")
-    for nodule in output.nodules:
-        result = nodule.result
-        print(f"{nodule.label}: p={result.probability:.3f} ({result.label})")
-    print(f"{len(results)} nodule(s) on {output.device} in {time.perf_counter() - started:.1f} s -> {out}")
-    return 0
+    for point, label in zip(points, labels, strict=True):
+        markups.AddControlPoint(*lps_to_ras(point.lps), label)
+    return volume, markups
 
 
 def _application():

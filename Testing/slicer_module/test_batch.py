@@ -209,3 +209,54 @@ def test_batch_point_outside_the_ct_is_refused(inputs, tmp_path):
     )
     assert done.returncode == 2
     assert "outside" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_batch_owns_its_output_folder(inputs, tmp_path):
+    """A smaller rerun replaces the earlier set; the user's own files stay; a failed run changes nothing."""
+    out = tmp_path / "out"
+    common = ("--volume", inputs / "ct.nrrd", "--out", out, "--no-render")
+    assert batch(*common, "--points", inputs / "nodules.mrk.json").returncode == 0
+    assert list(out.glob("02_*"))
+    (out / "notes.txt").write_text("mine")
+    (out / "scene" / "my_notes.txt").write_text("mine too")
+    first_csv = (inputs / "nodules_ras.csv").read_text().splitlines()
+    (tmp_path / "one.csv").write_text("\n".join(first_csv[:2]) + "\n")
+    done = batch(*common, "--points", tmp_path / "one.csv", "--coords", "RAS")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(out.glob("02_*")), "the earlier run's second nodule is left beside the new results"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "scene" / "my_notes.txt").read_text() == "mine too"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (tmp_path / "bad.csv").write_text("\n".join(first_csv[:2]) + "\nfar,900,0,0\n")
+    done = batch(*common, "--points", tmp_path / "bad.csv", "--coords", "RAS")
+    assert done.returncode == 2 and "far" in done.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(inputs, tmp_path):
+    from m3netcore.outputs import OutputFolder
+
+    out = tmp_path / "out"
+    with OutputFolder(out):  # another run holds the folder (this process keeps its lock)
+        done = batch("--volume", inputs / "ct.nrrd", "--points", inputs / "nodules.mrk.json", "--out", out,
+                     "--no-render")  # fmt: skip
+    assert done.returncode == 2
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("m3net_batch: error:")]
+    assert str(out) in line and "Traceback" not in done.stderr
+    assert not (out / "results.json").exists()
+
+
+def test_batch_reads_a_luna16_file_of_many_series_for_its_image(small_chest, tmp_path):
+    image, nodules = small_chest
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
+    sitk.WriteImage(image, str(tmp_path / f"{uid}.mhd"))
+    rows = ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
+    rows += [f"{uid},{x},{y},{z},8.0" for _, (x, y, z) in nodules]
+    rows += ["1.3.6.1.4.1.14519.5.2.1.6279.6001.999,10,10,10,5.0"]
+    (tmp_path / "annotations.csv").write_text("\n".join(rows) + "\n")
+    done = batch("--volume", tmp_path / f"{uid}.mhd", "--points", tmp_path / "annotations.csv",
+                 "--out", tmp_path / "out", "--no-render")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["nodules"]
+    assert len(results) == len(nodules)
+    for found, (_, lps) in zip(results, nodules, strict=True):
+        assert found["point_lps"] == pytest.approx(list(lps), abs=1e-3)

@@ -200,7 +200,7 @@ def regular_grid(image: sitk.Image, source: str = "image") -> sitk.Image:
     array = sitk.GetArrayViewFromImage(image)
     fill = float(array.min())
     resampled = sitk.Resample(
-        sitk.Cast(image, sitk.sitkFloat32), [int(n) for n in grid_size], sitk.Transform(), sitk.sitkLinear,
+        image, [int(n) for n in grid_size], sitk.Transform(), sitk.sitkLinear,
         (corners[0] + frame @ low).tolist(), spacing.tolist(), frame.ravel().tolist(), fill, sitk.sitkFloat32,
     )  # fmt: skip
     if np.issubdtype(array.dtype, np.integer):

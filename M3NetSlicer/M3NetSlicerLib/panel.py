@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,6 +267,8 @@ class PanelController:
 
     def set_style(self, *, opacity: float, threshold: float) -> None:
         """The panel's sliders moved (their values are passed: the parameter node may lag)."""
+        if self.parameters is None:  # no scene (closing): nothing to style
+            return
         self.parameters.opacity = float(opacity)
         self.parameters.threshold = float(threshold)
         if self.output is not None:
@@ -344,4 +345,4 @@ def _defined_positions(points_node) -> list[tuple[float, float, float]]:
     return positions
 
 
-__all__ = ["PanelController", "PanelParameters", "bundled_models", "read_model_header", "math"]
+__all__ = ["PanelController", "PanelParameters", "bundled_models", "read_model_header"]

@@ -170,6 +170,9 @@ def _add_training_commands(commands) -> None:
     cv.add_argument("--model", default="m3net", metavar="ARCH", help="architecture (default m3net)")
     cv.add_argument("--out", required=True, metavar="DIR", help="folder for fold-K runs, oof.csv and summary")
     _add_run_options(cv)
+    cv.add_argument("--seeds", type=int, default=3, metavar="N",
+                    help="models per fold, seeds S, S+1, ...; their recalibrated logits are averaged (default 3; "
+                         "1 on a CPU to save time)")  # fmt: skip
     cv.add_argument("--devices", metavar="LIST|all",
                     help="train folds side by side, one worker process per device: e.g. cuda:0,cuda:1, or all "
                          "(every visible GPU); cpu,cpu splits the cores (default: one fold after another "
@@ -177,10 +180,13 @@ def _add_training_commands(commands) -> None:
     cv.set_defaults(run=_run_cv)
 
     evaluate = commands.add_parser(
-        "evaluate", help="metrics with patient-bootstrap CIs, calibration and figures of a model on a cache"
-    )
-    evaluate.add_argument("model", metavar="RUN|MODEL", help="a run folder (its model.safetensors) or a model file")
-    evaluate.add_argument("--data", required=True, metavar="CACHE")
+        "evaluate", help="metrics with patient-bootstrap CIs, calibration and figures of a model on a cache, or of a "
+                         "cross-validation folder's pooled out-of-fold predictions"
+    )  # fmt: skip
+    evaluate.add_argument("model", metavar="RUN|MODEL|CVDIR",
+                          help="a run folder (its model.safetensors), a model file, or an `m3net cv` folder")
+    evaluate.add_argument("--data", metavar="CACHE", help="the cache (needed for a run or a model file; a cv folder "
+                                                          "defaults to the cache its folds trained on)")
     evaluate.add_argument("--fold", type=int, metavar="K", help="fold to evaluate (default: the run's held-out fold)")
     evaluate.add_argument("--protocol", metavar="P", help="label protocol (default: the model's)")
     evaluate.add_argument("--out", metavar="DIR", help="report folder (default RUN/evaluation)")
@@ -217,6 +223,9 @@ def _add_training_commands(commands) -> None:
     accuracy.add_argument("--config", metavar="FILE", help="training settings of every network row (JSON or TOML)")
     accuracy.add_argument("--epochs", type=int, metavar="N", help="epochs of every network row (over the config)")
     accuracy.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    accuracy.add_argument("--seeds", type=int, default=3, metavar="N",
+                          help="models per fold of every network row, logit-averaged after per-fold recalibration "
+                               "(default 3; 1 on a CPU to save time)")  # fmt: skip
     accuracy.add_argument("--jobs", type=int, default=1, metavar="N",
                           help="network rows trained at once, one process each (default 1; a GPU takes several)")
     accuracy.set_defaults(run=_run_accuracy)
@@ -431,27 +440,38 @@ def _run_cv(args: argparse.Namespace) -> int:
         devices = parse_devices(args.devices)
     _check_out_dir(args.out)
     with _run_folder_held(args.out):
-        cross_validate(args.data, args.model, args.out, _run_config(args), device=args.device, devices=devices,
-                       progress=True)  # fmt: skip
+        cross_validate(args.data, args.model, args.out, _run_config(args), seeds=args.seeds, device=args.device,
+                       devices=devices, progress=True)  # fmt: skip
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from m3netcore.errors import M3NetInputError
     from m3netcore.outputs import OutputFolder
-    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_model, seen_warning
+    from m3netcore.train.cv import is_cross_validation
+    from m3netcore.train.evaluate import CALLED_METRICS, evaluate_cross_validation, evaluate_model, seen_warning
 
+    cv = is_cross_validation(args.model)
+    if cv and (args.fold is not None or args.protocol is not None):
+        raise M3NetInputError("a cross-validation folder is evaluated on its own folds and protocol: "
+                              "leave out --fold and --protocol")  # fmt: skip
+    if not cv and args.data is None:
+        raise M3NetInputError("--data CACHE is needed to evaluate a run folder or a model file")
     out = args.out if args.out is not None or not Path(args.model).is_dir() else str(Path(args.model) / "evaluation")
     if out is None:  # a missing path, or a model file without --out: evaluate_model refuses it, saying which
         evaluate_model(args.model, args.data, fold=args.fold, out=None, protocol=args.protocol, device=args.device)
     _check_out_dir(out)
     with OutputFolder(out) as staging:  # the report's files replace the earlier report's as a set
-        report = evaluate_model(
-            args.model, args.data, fold=args.fold, out=staging, protocol=args.protocol, device=args.device
-        )
+        if cv:
+            report = evaluate_cross_validation(args.model, data=args.data, out=staging)
+        else:
+            report = evaluate_model(
+                args.model, args.data, fold=args.fold, out=staging, protocol=args.protocol, device=args.device
+            )
     metrics = report["metrics"]
-    where = "all labelled nodules" if report["fold"] is None else f"fold {report['fold']}"
+    where = report.get("where") or ("all labelled nodules" if report["fold"] is None else f"fold {report['fold']}")
     print(f"{report['model_name']} on {where} ({metrics['nodules']} nodules, protocol {report['protocol']}):")
     for name in ("auc", *CALLED_METRICS):
         low, high = metrics[name]["ci"]
@@ -590,7 +610,7 @@ def _run_accuracy(args: argparse.Namespace) -> int:
     if args.json:
         _check_out_file(args.json, "--json")  # before hours of training, not after
     rows = accuracy_table(args.data, args.protocol, args.out, rows=args.rows, config=config, device=args.device,
-                          jobs=args.jobs, extra_data=args.extra_data)
+                          jobs=args.jobs, extra_data=args.extra_data, seeds=args.seeds)
     document = json.loads((Path(args.out) / "table.json").read_text(encoding="utf-8"))
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")

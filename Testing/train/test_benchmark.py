@@ -25,7 +25,7 @@ def test_table_has_reference_network_and_not_run_rows(two_fold_cache, tmp_path, 
             "resnet18x3 (authors' shape)"]  # fmt: skip
     argv = ["benchmark", "accuracy", "--data", str(two_fold_cache), "--protocol", "mean-excl3", "--out", str(out),
             "--json", str(tmp_path / "rows.json"), "--config", str(tmp_path / "quick.json"), "--epochs", "1",
-            "--device", "cpu", "--rows", *rows]  # fmt: skip
+            "--device", "cpu", "--seeds", "1", "--rows", *rows]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     table = {row["name"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
@@ -39,9 +39,20 @@ def test_table_has_reference_network_and_not_run_rows(two_fold_cache, tmp_path, 
     assert network["training_seconds"] > 0
     assert network["parameters"] > 0 and network["gflops"] > 0
     assert (out / "m3net-without-micro" / "oof.csv").is_file()
+    assert network["seeds"] == [0] and network["fold_auc"]["n"] == 2 and len(network["fold_aucs"]) == 2
+    assert "intercept and a temperature" in network["pooling"]
+    versus = network["versus_diameter"]
+    assert versus["reference"] == "diameter only (logistic regression)" and versus["nodules"] == network["nodules"]
+    assert versus["difference"] == pytest.approx(network["auc"] - table[versus["reference"]]["auc"])
+    assert versus["ci"][0] <= versus["difference"] <= versus["ci"][1]
+    assert majority["versus_diameter"]["ci"][1] < 0  # a constant against a diameter that separates the classes
+    assert "versus_diameter" not in table["diameter only (logistic regression)"]
+    assert majority["fold_auc"]["mean"] == 0.5 and table[versus["reference"]]["fold_auc"]["n"] == 2
     assert table["resnet18x3 (authors' shape)"]["not_run"].startswith("needs GPU")
     assert "| majority class |" in printed and "not run: needs GPU" in printed
-    assert "SEMI-SYNTHETIC" in (out / "table.md").read_text()
+    markdown = (out / "table.md").read_text()
+    assert "SEMI-SYNTHETIC" in markdown and "| vs diameter only (95% CI) |" in markdown
+    assert "Seeds per fold: 1" in markdown
 
 
 def test_unknown_rows_and_protocols_are_one_line_errors(two_fold_cache, tmp_path, capsys):
@@ -102,6 +113,9 @@ def test_rows_that_the_main_cache_cannot_feed_train_on_an_extra_cache(tmp_path):
     table = accuracy_table(micro_only, "mean-excl3", tmp_path / "both", rows=rows, config=config, device="cpu",
                            extra_data=[extra], log=lambda _: None)  # fmt: skip
     assert "data" not in table[0] and table[1]["data"] == str(extra) and table[1]["nodules"] == table[0]["nodules"]
+    best, other = sorted(table, key=lambda row: -row["auc"])
+    assert "versus_best_single_scale" not in best and other["versus_best_single_scale"]["reference"] == best["name"]
+    assert other["versus_best_single_scale"]["difference"] == pytest.approx(other["auc"] - best["auc"])
     other_folds = write_tiny_cache(tmp_path / "other", 40, seed=1, folds=5)
     with pytest.raises(M3NetInputError, match="same nodules"):
         accuracy_table(micro_only, "mean-excl3", tmp_path / "bad", rows=rows, config=config, device="cpu",

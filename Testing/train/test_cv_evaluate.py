@@ -41,9 +41,10 @@ def test_cv_predicts_every_nodule_once_by_the_model_that_held_out_its_fold(cv_fo
         run_rows = _rows(cv_folder / f"fold-{fold}" / "test_predictions.csv")
         assert {r["nodule_id"] for r in run_rows} == {n for n, f in fold_of.items() if f == fold}
     summary = json.loads((cv_folder / "summary.json").read_text())
-    probabilities = np.array([float(r["probability"]) for r in oof])
+    logits = np.array([float(r["logit"]) for r in oof])  # what the AUC ranks: no ties of rounded probabilities
     labels = np.array([int(r["label"]) for r in oof])
-    assert summary["metrics"]["auc"]["value"] == pytest.approx(roc_auc(probabilities, labels))
+    assert summary["metrics"]["auc"]["value"] == pytest.approx(roc_auc(logits, labels))
+    assert [float(r["probability"]) for r in oof] == pytest.approx(1 / (1 + np.exp(-logits)), abs=1e-6)
     assert summary["metrics"]["nodules"] == len(oof)
     low, high = summary["metrics"]["auc"]["ci"]
     assert low <= summary["metrics"]["auc"]["value"] <= high
@@ -51,7 +52,7 @@ def test_cv_predicts_every_nodule_once_by_the_model_that_held_out_its_fold(cv_fo
     fold_aucs = []
     for fold in (0, 1):
         rows = [r for r in oof if int(r["fold"]) == fold]
-        fold_aucs.append(roc_auc(np.array([float(r["probability"]) for r in rows]), [int(r["label"]) for r in rows]))
+        fold_aucs.append(roc_auc(np.array([float(r["logit"]) for r in rows]), [int(r["label"]) for r in rows]))
     assert summary["mean_fold_auc"] == pytest.approx(np.mean(fold_aucs))
     assert "pooled out-of-fold predictions of 40 nodules" in (cv_folder / "summary.md").read_text()
     for row in summary["per_fold"]:  # each fold's epochs, as its metrics.csv has them
@@ -160,7 +161,8 @@ def test_cv_spread_over_two_worker_processes_matches_one_after_another(cv_folder
     config = tmp_path / "quick.json"
     config.write_text(json.dumps(QUICK.to_dict()))
     out = tmp_path / "side-by-side"
-    argv = ["cv", "--data", str(two_fold_cache), "--out", str(out), "--config", str(config), "--devices", "cpu,cpu"]
+    argv = ["cv", "--data", str(two_fold_cache), "--out", str(out), "--config", str(config), "--devices", "cpu,cpu",
+            "--seeds", "1"]  # fmt: skip
     assert main(argv) == 0
     printed = capfd.readouterr().out
     assert "[fold 0]" in printed and "[fold 1]" in printed  # each worker's lines, tagged
@@ -221,7 +223,7 @@ def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder
 
     folder = tmp_path / "cv"
     shutil.copytree(cv_folder, folder)
-    argv = ["cv", "--data", str(two_fold_cache), "--out", str(folder), "--device", "cpu"]
+    argv = ["cv", "--data", str(two_fold_cache), "--out", str(folder), "--device", "cpu", "--seeds", "1"]
     assert main([*argv, "--model", "single-micro"]) == 2  # finished m3net folds would be pooled as single-micro's
     assert "fold-0 is another run: its architecture 'm3net' (given 'single-micro')" in capsys.readouterr().err
     other = write_tiny_cache(tmp_path / "other-cache", 44, seed=1, folds=2)
@@ -230,7 +232,7 @@ def test_cv_refuses_a_folder_whose_folds_are_of_another_model_or_cache(cv_folder
         in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in cv_folder.iterdir())  # nothing written
     moved = _copy_cache(two_fold_cache, tmp_path / "moved-cache")  # the same cache elsewhere: still the folds' own
-    assert main(["cv", "--data", str(moved), "--out", str(folder), "--device", "cpu"]) == 0
+    assert main(["cv", "--data", str(moved), "--out", str(folder), "--device", "cpu", "--seeds", "1"]) == 0
     assert capsys.readouterr().out.count("finished earlier") == 2
 
 
@@ -264,3 +266,59 @@ def test_cv_pools_a_fold_whose_metrics_file_is_gone_and_leaves_its_time_unknown(
     assert summary["metrics"]["nodules"] == 40
     assert summary["per_fold"][0]["training_seconds"] > 0 and summary["per_fold"][1]["training_seconds"] is None
     assert summary["training_seconds"] is None
+
+
+def test_cv_with_two_seeds_averages_each_folds_recalibrated_logits(cv_folder, two_fold_cache, tmp_path):
+    import shutil
+
+    from m3netcore.train.pooling import fit_recalibration
+
+    folder = tmp_path / "cv"
+    shutil.copytree(cv_folder, folder)
+    lines = []
+    summary = cross_validate(two_fold_cache, "m3net", folder, None, seeds=2, device="cpu", log=lines.append)
+    assert sum("finished earlier" in line for line in lines) == 2  # seed 2 kept, seed 3 trained
+    assert summary["seeds"] == [2, 3] and (folder / "fold-1-seed-3" / "model.safetensors").is_file()
+    assert "logits averaged" in summary["pooling"] and "intercept and a temperature" in summary["pooling"]
+    expected = {}
+    for fold in (0, 1):  # by hand: each seed's validation logits fit its recalibration, applied to its test logits
+        per_seed = []
+        for run in (folder / f"fold-{fold}", folder / f"fold-{fold}-seed-3"):
+            validation = _rows(run / "validation_predictions.csv")
+            fit = fit_recalibration(np.array([float(r["logit"]) for r in validation]),
+                                    np.array([int(r["label"]) for r in validation]))  # fmt: skip
+            test = _rows(run / "test_predictions.csv")
+            per_seed.append({r["nodule_id"]: float(fit(float(r["logit"]))) for r in test})
+        expected |= {n: (per_seed[0][n] + per_seed[1][n]) / 2 for n in per_seed[0]}
+    oof = _rows(folder / "oof.csv")
+    assert max(abs(float(r["logit"]) - expected[r["nodule_id"]]) for r in oof) < 1e-5
+    one_seed = json.loads((cv_folder / "summary.json").read_text())
+    assert summary["single_seed"]["pooled_aucs"][0] == pytest.approx(one_seed["metrics"]["auc"]["value"])
+    assert [row["seed_aucs"][0] for row in summary["per_fold"]] == pytest.approx(
+        [row["auc"] for row in one_seed["per_fold"]])
+    assert "| fold | nodules | AUC | AUC of each seed |" in (folder / "summary.md").read_text()
+
+
+def test_evaluate_a_cv_folder_reports_pooled_metrics_and_the_figures_of_a_run(cv_folder, two_fold_cache, capsys):
+    assert main(["evaluate", str(cv_folder)]) == 0  # its cache: the one the folds recorded
+    printed = capsys.readouterr().out
+    assert "pooled out-of-fold predictions of folds [0, 1] (40 nodules" in printed
+    evaluation = cv_folder / "evaluation"
+    report = json.loads((evaluation / "report.json").read_text())
+    summary = json.loads((cv_folder / "summary.json").read_text())
+    assert report["metrics"]["auc"] == summary["metrics"]["auc"] and report["seeds"] == [2]
+    assert report["seen_in_training"] is False and report["threshold"] is None
+    predicted = {r["nodule_id"]: r["probability"] for r in _rows(evaluation / "predictions.csv")}
+    assert predicted == {r["nodule_id"]: r["probability"] for r in _rows(cv_folder / "oof.csv")}
+    for name in ("roc.png", "reliability.png", "confusion.png"):
+        assert (evaluation / name).stat().st_size > 1000, name
+    text = (evaluation / "report.md").read_text()
+    assert "Pooling: per-fold recalibration" in text and "| fold | nodules | AUC |" in text
+    assert "each fold's own" in text and "SEMI-SYNTHETIC" in text
+
+
+def test_evaluate_a_cv_folder_refuses_fold_and_protocol_and_a_run_needs_data(cv_folder, tmp_path, capsys):
+    assert main(["evaluate", str(cv_folder), "--fold", "0", "--out", str(tmp_path / "e")]) == 2
+    assert "leave out --fold and --protocol" in capsys.readouterr().err
+    assert main(["evaluate", str(cv_folder / "fold-0"), "--out", str(tmp_path / "e")]) == 2
+    assert "--data CACHE is needed" in capsys.readouterr().err

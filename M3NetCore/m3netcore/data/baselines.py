@@ -88,9 +88,47 @@ def reference_rows(
                 "parameters": len(features) + 1,
                 "gflops": 2 * len(features) / 1e9,  # a scaled dot product
                 "training_seconds": round(seconds, 3),
+                "fold_aucs": [_fold_auc(scores, labels, folds == fold) for fold in np.unique(folds)],
             }
         )
     return table
+
+
+def reference_scores(rows: Sequence[dict], protocol: str, name: str) -> dict[str, float]:
+    """Each labelled nodule's out-of-fold score from reference model ``name``, keyed by nodule id.
+
+    The scores :func:`reference_rows` ranks, for paired comparisons on the same nodules.
+
+    Raises:
+        M3NetInputError: an unknown name, or the rows lack what the model needs.
+    """
+    check_protocol(protocol)
+    if name not in REFERENCE_MODELS:
+        raise M3NetInputError(f"unknown reference model {name!r}; known: {', '.join(REFERENCE_MODELS)}")
+    column = f"label_{protocol}"
+    kept = [r for r in rows if r.get(column) is not None]
+    if not kept or any(r.get("fold") is None for r in kept):
+        raise M3NetInputError(f"reference scores need every {protocol}-labelled nodule in a fold")
+    labels = np.asarray([r[column] for r in kept], dtype=int)
+    folds = np.asarray([r["fold"] for r in kept], dtype=int)
+    scores, _ = _out_of_fold_scores(kept, REFERENCE_MODELS[name], labels, folds)
+    return {str(r["nodule_id"]): float(s) for r, s in zip(kept, scores, strict=True)}
+
+
+def patient_bootstrap(metric, patients: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
+    """The metric on all nodules, and a 95% percentile interval resampling whole patients.
+
+    ``metric`` takes an index array of nodules (with repeats) and returns a float; a
+    resample on which it raises ``ValueError`` (an AUC of one class) is skipped.
+    """
+    return _with_interval(metric, np.asarray(patients), seed)
+
+
+def _fold_auc(scores: np.ndarray, labels: np.ndarray, members: np.ndarray) -> float | None:
+    """The AUC of one fold's nodules, or None where the fold holds one class (or is constant: majority)."""
+    if labels[members].min() == labels[members].max():
+        return None
+    return roc_auc(scores[members], labels[members])
 
 
 def _out_of_fold_scores(rows, features: Sequence[str], labels: np.ndarray,

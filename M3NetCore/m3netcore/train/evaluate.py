@@ -33,8 +33,9 @@ CALLED_METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy",
 
 
 def classification_metrics(
-    probabilities: np.ndarray, called: np.ndarray, labels: np.ndarray, patients: Sequence[str], *, seed: int = 0
-) -> dict:
+    probabilities: np.ndarray, called: np.ndarray, labels: np.ndarray, patients: Sequence[str], *, seed: int = 0,
+    scores: np.ndarray | None = None,
+) -> dict:  # fmt: skip
     """AUC and the called-label metrics, each ``{"value", "ci"}`` (95%, patient bootstrap), plus ECE and counts.
 
     Args:
@@ -42,15 +43,18 @@ def classification_metrics(
         called: 0/1 calls (probability at or above each model's threshold).
         labels: 0/1 truth.
         patients: each nodule's patient id (the resampling unit).
+        scores: what the AUC ranks, if not the probabilities: the logits, which do not tie where
+            probabilities round to 0 or 1.
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    ranked = probabilities if scores is None else np.asarray(scores, dtype=np.float64)
     called = np.asarray(called).astype(bool)
     labels = np.asarray(labels).astype(bool)
     patients = np.asarray([str(p) for p in patients])
     if labels.size == 0:
         raise M3NetInputError("no labelled nodules to evaluate")
     functions = {
-        "auc": lambda idx: roc_auc(probabilities[idx], labels[idx]),
+        "auc": lambda idx: roc_auc(ranked[idx], labels[idx]),
         "accuracy": lambda idx: float(np.mean(called[idx] == labels[idx])),
         "sensitivity": lambda idx: _rate(called[idx], labels[idx]),
         "specificity": lambda idx: _rate(~called[idx], ~labels[idx]),
@@ -154,6 +158,73 @@ def evaluate_model(
     return write_report(report, probabilities, labels, out, predictions=rows)
 
 
+def evaluate_cross_validation(
+    folder: str | os.PathLike, *, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None
+) -> dict:
+    """Pooled out-of-fold metrics of an ``m3net cv`` folder, with intervals, and the figures of a single run.
+
+    Every seed that every fold has finished takes part; each fold model is recalibrated on
+    its own validation split before pooling (:mod:`m3netcore.train.pooling`). ``data``: the
+    cache (default: the one its folds trained on, found by the path they recorded); it must
+    be the folds' own, by content. Writes ``report.md``, ``report.json``,
+    ``predictions.csv`` and the figures into ``out`` (default ``folder/evaluation``).
+
+    Raises:
+        M3NetInputError: not a cv folder, no finished fold, or another cache.
+    """
+    from m3netcore.train.config import read_json_mapping
+    from m3netcore.train.cv import (
+        CV_CONFIG_FILE,
+        finished_seeds,
+        format_difference,
+        format_spread,
+        is_cross_validation,
+        pool_cross_validation,
+        seed_run_folder,
+    )
+    from m3netcore.train.run import check_same_run
+
+    folder = Path(folder)
+    if not is_cross_validation(folder):
+        raise M3NetInputError(f"{folder} is not an `m3net cv` folder (no {CV_CONFIG_FILE})")
+    folds, seeds = finished_seeds(folder)
+    first = read_json_mapping(seed_run_folder(folder, folds[0], 0, seeds[0]) / "split.json")
+    cache = open_cache(data if data is not None else first.get("data", ""))
+    missing = sorted(set(cache_folds(cache)) - set(folds))
+    if missing:
+        raise M3NetInputError(f"{folder}: folds {missing} of {cache.path} are not finished; run `m3net cv` again")
+    architecture = str(first.get("architecture"))
+    for fold in folds:
+        for k, seed in enumerate(seeds):
+            check_same_run(seed_run_folder(folder, fold, k, seed), architecture, fold, cache, doing="m3net evaluate")
+    summary, rows = pool_cross_validation(folder, cache, seeds, folds)
+    probabilities = np.asarray([row["probability"] for row in rows], dtype=np.float64)
+    labels = np.asarray([row["label"] for row in rows], dtype=np.int64)
+    notes = [f"Pooling: {summary['pooling']}.", f"Seeds per fold: {len(seeds)} ({', '.join(map(str, seeds))}).",
+             f"Per-fold AUC: {format_spread(summary['fold_auc'])}.",
+             f"Pooled as each run calibrated itself (seed {seeds[0]}, no recalibration): "
+             f"AUC {summary['pooled_auc_as_each_run_calibrated_itself']:.3f}."]  # fmt: skip
+    if len(seeds) > 1:
+        notes.append(f"Single seeds: pooled AUC {format_spread(summary['single_seed']['pooled_auc'], extent=False)}.")
+    if summary.get("versus_diameter"):
+        notes.append(f"Paired AUC difference to the diameter-only regression, same nodules: "
+                     f"{format_difference(summary['versus_diameter'])} (95% CI, patient bootstrap).")  # fmt: skip
+    report = {
+        "model": str(folder), "model_name": f"cross-validation of {architecture}", "architecture": architecture,
+        "data": str(cache.path), "data_kind": cache.info.get("kind"), "semi_synthetic": cache.semi_synthetic,
+        "protocol": summary["protocol"], "fold": None, "threshold": None,
+        "where": f"pooled out-of-fold predictions of folds {folds}", "seeds": seeds, "pooling": summary["pooling"],
+        "per_fold": summary["per_fold"], "fold_auc": summary["fold_auc"], "single_seed": summary["single_seed"],
+        "versus_diameter": summary["versus_diameter"], "notes": notes,
+        "pooled_auc_as_each_run_calibrated_itself": summary["pooled_auc_as_each_run_calibrated_itself"],
+        # every nodule was predicted by the models that held its fold out, selected and calibrated without it
+        "trained_on_this_data": False, "seen_in_training": False, "held_out_fold": None, "seen_patients": 0,
+        "metrics": summary["metrics"],
+    }  # fmt: skip
+    return write_report(report, probabilities, labels, Path(out) if out is not None else folder / "evaluation",
+                        predictions=rows)  # fmt: skip
+
+
 def trained_on_this_cache(model: Model, cache, protocol: str) -> str | None:
     """How the model is known to have been trained on ``cache`` (by content), or None.
 
@@ -229,10 +300,14 @@ def write_report(report: dict, probabilities: np.ndarray, labels: np.ndarray, ou
         plots = None
     if plots is not None:
         if len(set(np.asarray(labels).tolist())) == 2:
-            plots.plot_roc(probabilities, labels, metrics["auc"]["value"], out / "roc.png")
+            operating_point = (1.0 - metrics["specificity"]["value"], metrics["sensitivity"]["value"])
+            plots.plot_roc(probabilities, labels, metrics["auc"]["value"], out / "roc.png",
+                           operating_point=operating_point)  # fmt: skip
             figures.append("roc.png")
         plots.plot_reliability(probabilities, labels, metrics["ece"], out / "reliability.png")
-        plots.plot_confusion(np.asarray(metrics["confusion"]), report.get("threshold", 0.5), out / "confusion.png")
+        threshold = report.get("threshold", 0.5)
+        plots.plot_confusion(np.asarray(metrics["confusion"]), "each fold's threshold" if threshold is None else
+                             float(threshold), out / "confusion.png")  # fmt: skip
         figures += ["reliability.png", "confusion.png"]
     report = report | {"figures": figures} | ({} if plots is not None else {"figures_missing": NO_FIGURES})
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
@@ -255,7 +330,7 @@ def seen_warning(report: dict) -> str:
 
 def markdown_report(report: dict) -> str:
     metrics = report["metrics"]
-    where = "all labelled nodules" if report.get("fold") is None else f"fold {report['fold']}"
+    where = report.get("where") or ("all labelled nodules" if report.get("fold") is None else f"fold {report['fold']}")
     lines = [f"# Evaluation of {report.get('model_name', report.get('model'))}", ""]
     if report.get("semi_synthetic"):
         kind = report.get("data_kind")
@@ -265,7 +340,9 @@ def markdown_report(report: dict) -> str:
     lines += [
         f"- Data: `{report['data']}` ({report.get('data_kind')}), {where}, protocol {report['protocol']}",
         f"- {metrics['nodules']} nodules ({metrics['malignant']} malignant) of {metrics['patients']} patients",
-        f"- Threshold {report.get('threshold', 0.5):.3f} on the calibrated probability",
+        f"- Threshold {report['threshold']:.3f} on the calibrated probability" if report.get("threshold") is not None
+        else "- Thresholds: each fold's own, of best balanced accuracy on its validation split",
+        *(f"- {line}" for line in report.get("notes", [])),
         "",
         "| metric | value | 95% CI (patient bootstrap) |",
         "|---|---|---|",
@@ -280,6 +357,13 @@ def markdown_report(report: dict) -> str:
         f"Confusion: {tp} true positives, {fn} false negatives, {tn} true negatives, {fp} false positives.",
         "",
     ]
+    if report.get("per_fold"):
+        lines += ["| fold | nodules | AUC | AUC of each seed | threshold |", "|---|---|---|---|---|"]
+        for row in report["per_fold"]:
+            each = " / ".join("n/a" if a is None else f"{a:.3f}" for a in row.get("seed_aucs", []))
+            auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
+            lines.append(f"| {row['fold']} | {row['nodules']} | {auc} | {each} | {row['threshold']:.3f} |")
+        lines.append("")
     lines += [f"![{Path(f).stem}]({f})" for f in report.get("figures", [])]
     if "figures_missing" in report:
         lines.append(f"({report['figures_missing']})")

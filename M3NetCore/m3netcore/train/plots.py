@@ -33,11 +33,16 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     _save(figure, path)
 
 
-def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: str | os.PathLike) -> None:
-    """ROC curve with the AUC in the legend."""
+def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: str | os.PathLike, *,
+             operating_point: tuple[float, float] | None = None) -> None:  # fmt: skip
+    """ROC curve with the AUC in the legend and, if given, the operating point ``(1 - specificity, sensitivity)``."""
     fpr, tpr = roc_points(probabilities, labels)
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    if operating_point is not None:
+        x, y = operating_point
+        ax.plot([x], [y], marker="o", color="tab:red", linestyle="none",
+                label=f"operating point: sensitivity {y:.2f}, specificity {1 - x:.2f}")  # fmt: skip
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
@@ -47,7 +52,7 @@ def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: st
 
 def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, ece: float, path: str | os.PathLike,
                      bins: int = 10) -> None:  # fmt: skip
-    """Observed malignant fraction against mean predicted probability per equal-width bin."""
+    """Observed malignant fraction against mean predicted probability per bin, over a histogram of the predictions."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
     which = np.clip(np.digitize(probabilities, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
@@ -58,20 +63,30 @@ def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, ece: float, 
             mean_p.append(probabilities[members].mean())
             observed.append(labels[members].mean())
             counts.append(int(members.sum()))
-    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    figure, (ax, histogram) = plt.subplots(2, 1, figsize=(4.5, 6.0), sharex=True,
+                                           gridspec_kw={"height_ratios": (3, 1.2)})  # fmt: skip
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8, label="perfect calibration")
     ax.plot(mean_p, observed, marker="o", label=f"model (ECE {ece:.3f})")
     for x, y, n in zip(mean_p, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(xlabel="mean predicted probability", ylabel="observed malignant fraction", title="reliability",
-           xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    ax.set(ylabel="observed malignant fraction", title="reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
+    edges = np.linspace(0, 1, bins + 1)
+    malignant = labels > 0.5
+    histogram.hist([probabilities[~malignant], probabilities[malignant]], bins=edges, stacked=True,
+                   color=["tab:blue", "tab:red"], label=["benign", "malignant"])  # fmt: skip
+    histogram.set(xlabel="predicted probability of malignancy", ylabel="nodules")
+    histogram.legend(fontsize=8)
+    histogram.grid(alpha=0.3)
     _save(figure, path)
 
 
-def plot_confusion(matrix: np.ndarray, threshold: float, path: str | os.PathLike) -> None:
-    """2x2 confusion matrix (rows: truth benign/malignant; columns: called benign/malignant)."""
+def plot_confusion(matrix: np.ndarray, threshold: float | str, path: str | os.PathLike) -> None:
+    """2x2 confusion matrix (rows: truth benign/malignant; columns: called benign/malignant).
+
+    ``threshold``: the calling threshold, or words for thresholds that differ (each fold's own).
+    """
     figure, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(matrix, cmap="Blues")
     names = ("benign", "malignant")
@@ -80,7 +95,8 @@ def plot_confusion(matrix: np.ndarray, threshold: float, path: str | os.PathLike
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(int(value)), ha="center", va="center",
                 color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
-    ax.set_title(f"confusion at threshold {threshold:.3f}")
+    ax.set_title(f"confusion at threshold {threshold:.3f}" if isinstance(threshold, float) else
+                 f"confusion at {threshold}")  # fmt: skip
     _save(figure, path)
 
 

@@ -9,6 +9,7 @@ A run folder holds::
       metrics.csv          one row per epoch; curves.png plots it (with matplotlib)
       model.safetensors    the selected, calibrated model (checkpoint.py format) with its card
       test_predictions.csv the held-out fold's calibrated probabilities and calls (for cross-validation)
+      validation_predictions.csv  the validation nodules' logits (cross-validation recalibrates with them)
       processes.json       under torchrun: each process's weight digest at the end (must be equal)
 
 Training: :class:`m3netcore.train.trainer.Trainer`. Selection: the epoch of best validation
@@ -44,6 +45,7 @@ from m3netcore.train.progress import ProgressBar
 from m3netcore.train.trainer import Trainer, TrainingDivergedError, predict_logits
 
 MODEL_FILE = "model.safetensors"
+VALIDATION_FILE = "validation_predictions.csv"
 
 
 def train_run(
@@ -155,6 +157,13 @@ def _finish(cache: Cache, split: Split, model_name: str, fold: int | None, out: 
     ]  # fmt: skip
     if test_rows:
         write_text_atomic(out / "test_predictions.csv", rows_to_csv(test_rows))
+    # the validation logits let cross-validation recalibrate each fold (intercept and temperature) before pooling
+    validation_rows = [
+        {"nodule_id": cache.rows[i]["nodule_id"], "patient_id": cache.rows[i]["patient_id"], "label": int(y),
+         "logit": round(float(z), 6)}
+        for i, y, z in zip(split.validation, validation_labels, validation_logits, strict=True)
+    ]  # fmt: skip
+    write_text_atomic(out / VALIDATION_FILE, rows_to_csv(validation_rows))
     summary = {
         "architecture": model_name, "fold": fold, "protocol": config.protocol, "best_epoch": best["epoch"],
         "validation_auc": best["val_auc"], "temperature": temperature, "threshold": threshold,

@@ -1,4 +1,10 @@
-"""Write prediction results: results.json, results.csv and one NRRD per heatmap."""
+"""Write prediction results: results.json, results.csv and one NRRD per heatmap.
+
+results.json carries the run's provenance (:mod:`m3netcore.provenance`) under
+``"provenance"``; results.csv repeats its identifying fields (DICOM UIDs or the file's
+checksum, the model's checksum, version, device, time) on every row, so a row copied
+into a spreadsheet still says which scan and which model it came from.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import SimpleITK as sitk
 
 from m3netcore.atomic import atomic_path
 from m3netcore.predict import NoduleResult
+from m3netcore.provenance import CSV_FIELDS, csv_values
 
 CSV_COLUMNS = (
     "label",
@@ -30,6 +37,7 @@ CSV_COLUMNS = (
     "attention_macro",
     "model",
     "model_version",
+    *CSV_FIELDS,
 )
 
 
@@ -71,15 +79,20 @@ class ResultsWriter:
 
     Args:
         out_dir: the folder (created if needed).
-        source: provenance for results.json (e.g. the image and model).
+        source: what the run was given (e.g. the image path and model name), for results.json.
+        provenance: the record of :func:`m3netcore.provenance.provenance`, written to
+            results.json and, flattened, on every CSV row.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, source: dict | None = None) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, *, source: dict | None = None, provenance: dict | None = None
+    ) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.count = 0
         self.heatmaps = 0
-        header = {"coordinate_system": "LPS", "units": "mm", "source": source or {}, "nodules": _NODULES}
+        self._provenance_row = list(csv_values(provenance or {}).values())
+        header = _header(source, provenance) | {"nodules": _NODULES}
         self._json_head, self._json_tail = json.dumps(header, indent=2).split(json.dumps(_NODULES))
         self._json = _PartialFile(self.out / "results.json")
         self._csv = _PartialFile(self.out / "results.csv")
@@ -101,7 +114,7 @@ class ResultsWriter:
         text = json.dumps(entry, indent=2).replace("\n", "\n    ")
         self._json.write(("," if self.count > 1 else "") + "\n    " + text)
         try:
-            self._csv_writer.writerow(_csv_row(label, result))
+            self._csv_writer.writerow(_csv_row(label, result) + self._provenance_row)
         except OSError as err:
             raise _write_failure(self._csv.final, err) from err
         return entry
@@ -133,6 +146,7 @@ def write_results(
     out_dir: str | os.PathLike,
     *,
     source: dict | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Write all outputs of one ``predict`` call into ``out_dir``; returns the JSON document.
 
@@ -140,25 +154,34 @@ def write_results(
         results: from :func:`m3netcore.predict`.
         labels: one name per result (point labels), used in the tables and file names.
         out_dir: created if needed; files are written atomically.
-        source: extra provenance for results.json (e.g. the image path).
+        source: what the run was given (e.g. the image path), for results.json.
+        provenance: from :func:`m3netcore.provenance.provenance` (see :class:`ResultsWriter`).
     """
     if len(labels) != len(results):
         raise ValueError(f"{len(labels)} labels for {len(results)} results")
-    with ResultsWriter(out_dir, source=source) as writer:
+    with ResultsWriter(out_dir, source=source, provenance=provenance) as writer:
         nodules = [writer.add(label, result) for label, result in zip(labels, results, strict=True)]
-    return {"coordinate_system": "LPS", "units": "mm", "source": source or {}, "nodules": nodules}
+    return _header(source, provenance) | {"nodules": nodules}
 
 
-def results_csv(results: Sequence[NoduleResult], labels: Sequence[str]) -> str:
+def results_csv(results: Sequence[NoduleResult], labels: Sequence[str], provenance: dict | None = None) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
+    extra = list(csv_values(provenance or {}).values())
     for label, result in zip(labels, results, strict=True):
-        writer.writerow(_csv_row(label, result))
+        writer.writerow(_csv_row(label, result) + extra)
     return buffer.getvalue()
 
 
 _NODULES = "@nodules@"  # stands in for the list in the header, which is then written one entry at a time
+
+
+def _header(source: dict | None, provenance: dict | None) -> dict:
+    header = {"coordinate_system": "LPS", "units": "mm", "source": source or {}}
+    if provenance is not None:
+        header["provenance"] = provenance
+    return header
 
 
 def _csv_row(label: str, result: NoduleResult) -> list:

@@ -1,0 +1,189 @@
+"""Where a result came from: the CT (DICOM UIDs or a file checksum), the model, the software, the time.
+
+Every results.json carries this under ``"provenance"``; the CSV repeats the identifying
+fields on each row; the Slicer module puts it on its results table as node attributes::
+
+    from m3netcore.provenance import provenance
+    record = provenance(image, "/data/ct-folder", model, "cpu", model_source="demo")
+    record["input"]["study_instance_uid"]
+
+A DICOM input is identified by its UIDs (read from the series' first file header, not the
+pixels), so a result can be matched to the series in a PACS; a file is identified by its
+SHA-256 (and its data file's, for a ``.mhd`` or ``.nhdr`` header), since a path says
+nothing once the file has moved.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from m3netcore.checkpoint import Model, bundled_registry, file_sha256
+from m3netcore.io import series_uid_of
+
+# DICOM tag (group|element as SimpleITK names it) -> key in the provenance record
+DICOM_TAGS = {
+    "0010|0020": "patient_id",
+    "0020|000d": "study_instance_uid",
+    "0020|000e": "series_instance_uid",
+    "0020|0052": "frame_of_reference_uid",
+    "0008|0060": "modality",
+}
+# The keys the CSV repeats on every row (flattened from the record).
+CSV_FIELDS = (
+    "patient_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "frame_of_reference_uid",
+    "input_sha256",
+    "model_sha256",
+    "software_version",
+    "device",
+    "time",
+)
+
+
+def software_version() -> str:
+    """m3netcore's version: the installed distribution's, else the package's own constant."""
+    try:
+        return metadata.version("m3net-core")
+    except metadata.PackageNotFoundError:
+        import m3netcore
+
+        return m3netcore.__version__
+
+
+def provenance(
+    image: sitk.Image,
+    source_path: str | os.PathLike,
+    model: Model,
+    device: str,
+    *,
+    model_source: str | os.PathLike | None = None,
+    time: datetime.datetime | None = None,
+) -> dict:
+    """The provenance record of one prediction run (JSON-ready).
+
+    Args:
+        image: the CT as read by :func:`m3netcore.read_image` (its series UID is used to
+            pick the series' files in a folder with several).
+        source_path: what the CT was read from: a DICOM folder or an image file.
+        model: the model used.
+        device: the device the model ran on (e.g. ``"cpu"``, ``"cuda:0"``).
+        model_source: what the model was loaded from (a bundled name or a file path); its
+            file's SHA-256 is recorded. Without it, the SHA-256 of the weights is recorded
+            (``model.weights_sha256``), which identifies the network but not the file.
+        time: when the run happened (default: now, UTC).
+
+    Returns:
+        ``{"time", "software": {"name", "version"}, "device", "model": {...},
+        "input": {"kind": "dicom", ...UIDs...} | {"kind": "file", "path", "sha256"}}``.
+    """
+    when = (time or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="seconds")
+    return {
+        "time": when,
+        "software": {"name": "m3net-core", "version": software_version()},
+        "device": str(device),
+        "model": model_provenance(model, model_source),
+        "input": input_provenance(image, source_path),
+    }
+
+
+def model_provenance(model: Model, model_source: str | os.PathLike | None = None) -> dict:
+    """The model's name, version, architecture and checksum."""
+    record = {"name": model.name, "version": model.version, "architecture": model.architecture}
+    registry = bundled_registry()
+    if isinstance(model_source, str) and model_source in registry:
+        record["source"] = f"bundled:{model_source}"
+        record["sha256"] = registry[model_source]["sha256"]  # load_model checked the file against it
+    elif model_source is not None and Path(model_source).is_file():
+        record["source"] = str(model_source)
+        record["sha256"] = file_sha256(model_source)
+    else:
+        record["weights_sha256"] = weights_sha256(model)
+    return record
+
+
+def input_provenance(image: sitk.Image, source_path: str | os.PathLike) -> dict:
+    """DICOM UIDs and PatientID of a series folder, or the checksum of an image file."""
+    path = Path(source_path)
+    if path.is_dir():
+        record = {"kind": "dicom", "path": str(path)}
+        record.update(dicom_identifiers(path, series_uid_of(image)))
+        return record
+    record = {"kind": "file", "path": str(path), "sha256": file_sha256(path)}
+    data_file = _detached_data_file(path)
+    if data_file is not None:
+        record["data_file"] = str(data_file)
+        record["data_file_sha256"] = file_sha256(data_file)
+    return record
+
+
+def dicom_identifiers(folder: str | os.PathLike, series_uid: str | None) -> dict:
+    """PatientID, Study/Series/Frame of Reference UIDs and modality of a series, from one file's header."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    uid = series_uid if series_uid in ids else (ids[0] if ids else None)
+    if uid is None:
+        return {}
+    first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first)
+    reader.ReadImageInformation()  # the header only
+    found = {key: reader.GetMetaData(tag).strip() for tag, key in DICOM_TAGS.items() if reader.HasMetaDataKey(tag)}
+    return {key: found.get(key, "") for key in DICOM_TAGS.values()}
+
+
+def weights_sha256(model: Model) -> str:
+    """SHA-256 over the network's tensors (sorted by name): the same weights give the same digest."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.network.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def csv_values(record: dict) -> dict[str, str]:
+    """The record's identifying fields as the CSV columns :data:`CSV_FIELDS` (empty where absent)."""
+    source = record.get("input", {})
+    model = record.get("model", {})
+    values = {
+        "patient_id": source.get("patient_id", ""),
+        "study_instance_uid": source.get("study_instance_uid", ""),
+        "series_instance_uid": source.get("series_instance_uid", ""),
+        "frame_of_reference_uid": source.get("frame_of_reference_uid", ""),
+        "input_sha256": source.get("sha256", ""),
+        "model_sha256": model.get("sha256", model.get("weights_sha256", "")),
+        "software_version": record.get("software", {}).get("version", ""),
+        "device": record.get("device", ""),
+        "time": record.get("time", ""),
+    }
+    return {key: values[key] for key in CSV_FIELDS}
+
+
+def _detached_data_file(header: Path) -> Path | None:
+    """The pixel file a ``.mhd`` (ElementDataFile) or ``.nhdr`` (data file) header points to, if one."""
+    suffix = header.suffix.lower()
+    if suffix not in (".mhd", ".nhdr"):
+        return None
+    pattern = r"^\s*ElementDataFile\s*=\s*(.+?)\s*$" if suffix == ".mhd" else r"^\s*data ?file\s*:\s*(.+?)\s*$"
+    try:
+        text = header.read_text(encoding="latin-1", errors="replace")
+    except OSError:
+        return None
+    match = re.search(pattern, text, flags=re.MULTILINE | re.IGNORECASE)
+    if match is None or match.group(1) in ("LOCAL", "LIST") or match.group(1).startswith("LIST"):
+        return None
+    data = header.parent / match.group(1)
+    return data if data.is_file() else None

@@ -72,3 +72,86 @@ def _slice_through_centre(volume: np.ndarray) -> np.ndarray:
     if depth % 2:
         return np.asarray(volume[depth // 2])
     return 0.5 * (np.asarray(volume[depth // 2 - 1]) + np.asarray(volume[depth // 2]))
+
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def save_nodule_png(
+    image: sitk.Image,
+    result: NoduleResult,
+    label: str,
+    preprocessing: Preprocessing,
+    path: str | os.PathLike,
+) -> None:
+    """One nodule's picture: axial, coronal and sagittal planes through the point for every view.
+
+    Columns are the scales (micro, meso, macro), rows the planes; the CT in a lung window with
+    each scale's Grad-CAM times its attention weight on top, all on one colour scale (so a
+    scale the model hardly used looks dim), the point marked with a cross, a colour bar, and
+    the probability, call and attention in the title. Radiological display (patient left on
+    the right; superior up in coronal and sagittal planes; anterior left in sagittal).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = preprocessing.scales
+    attention = result.scale_attention or {spec.name: 1.0 / len(scales) for spec in scales}
+    weighted = {}
+    for spec in scales:
+        heatmap = result.heatmaps.get(spec.name)
+        if heatmap is not None:
+            weighted[spec.name] = float(attention.get(spec.name, 0.0)) * sitk.GetArrayFromImage(heatmap)
+    peak = max((float(v.max()) for v in weighted.values()), default=0.0) or 1.0
+    figure, axes = plt.subplots(len(PLANES), len(scales), figsize=(2.6 * len(scales) + 0.8, 2.6 * len(PLANES) + 0.7),
+                                squeeze=False)  # fmt: skip
+    overlay = None
+    for column, spec in enumerate(scales):
+        hu = sample_scale(image, result.point_lps, spec, preprocessing.outside_hu)
+        half = np.asarray(spec.field_of_view_mm, dtype=float) / 2
+        for row, plane in enumerate(PLANES):
+            ax = axes[row, column]
+            picture, extent = _plane(hu, plane, half)
+            ax.imshow(picture, cmap="gray", vmin=-1200, vmax=300, extent=extent)
+            if spec.name in weighted:
+                values, _ = _plane(weighted[spec.name], plane, half)
+                overlay = ax.imshow(np.ma.masked_less(values, 0.05 * peak), cmap="inferno", alpha=0.5,
+                                    vmin=0.0, vmax=peak, extent=extent)  # fmt: skip
+            ax.plot([0], [0], marker="+", color="cyan", markersize=10, markeredgewidth=1.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                weight = attention.get(spec.name)
+                ax.set_title(f"{spec.name} {spec.field_of_view_mm[0]:g} mm"
+                             + (f"\nattention {weight:.2f}" if weight is not None else ""), fontsize=9)  # fmt: skip
+            if column == 0:
+                ax.set_ylabel(plane, fontsize=9)
+    if overlay is not None:
+        bar = figure.colorbar(overlay, ax=axes, shrink=0.6, pad=0.02)
+        bar.set_label("Grad-CAM x attention", fontsize=8)
+    figure.suptitle(f"{label}: p(malignant) = {result.probability:.2f} ({result.label}) - "
+                    f"{result.model.get('name', '')}\nresearch software, not for clinical use", fontsize=9)  # fmt: skip
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80)
+    plt.close(figure)
+
+
+def _plane(volume: np.ndarray, plane: str, half_mm: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The plane through the centre of a ``[z, y, x]`` LPS-aligned volume, oriented for display; its extent in mm."""
+    hx, hy, hz = half_mm
+    if plane == "axial":  # rows anterior->posterior, columns right->left
+        return _middle(volume, 0), (-hx, hx, hy, -hy)
+    if plane == "coronal":  # rows superior->inferior (z decreasing), columns right->left
+        return _middle(volume, 1)[::-1], (-hx, hx, -hz, hz)
+    # sagittal: rows superior->inferior, columns anterior->posterior
+    return _middle(volume, 2)[::-1], (-hy, hy, -hz, hz)
+
+
+def _middle(volume: np.ndarray, axis: int) -> np.ndarray:
+    """The plane through the grid's centre along ``axis`` (the mean of the two middle ones if even)."""
+    depth = volume.shape[axis]
+    if depth % 2:
+        return np.take(volume, depth // 2, axis=axis)
+    return 0.5 * (np.take(volume, depth // 2 - 1, axis=axis) + np.take(volume, depth // 2, axis=axis))

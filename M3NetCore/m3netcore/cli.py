@@ -173,7 +173,7 @@ def _add_training_commands(commands) -> None:
     _add_run_options(train)
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN")
     train.add_argument(
-        "--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if interrupted (then --resume)"
+        "--stop-after-epoch", type=int, metavar="N", help=argparse.SUPPRESS  # tests: stop as if interrupted
     )
     train.set_defaults(run=_run_train)
 
@@ -205,7 +205,7 @@ def _add_training_commands(commands) -> None:
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(run=_run_evaluate)
 
-    benchmark = commands.add_parser("benchmark", help="speed measurements (throughput)")
+    benchmark = commands.add_parser("benchmark", help="speed (throughput) and the accuracy table")
     benchmark_commands = benchmark.add_subparsers(dest="benchmark_command", metavar="WHAT", required=True)
     throughput = benchmark_commands.add_parser(
         "throughput", help="training nodules per second of m3net and resnet18x3, measured in one run"
@@ -415,7 +415,7 @@ def _run_model_info(args: argparse.Namespace) -> int:
         model = load_model(name)
     summary = model_summary(model)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary | {"card": model.card}, indent=2))
         return 0
     print(f"model         {summary['name']} (architecture {summary['architecture']}, version {summary['version']})")
     print(f"parameters    {summary['parameters']:,}")
@@ -428,6 +428,8 @@ def _run_model_info(args: argparse.Namespace) -> int:
         spacing = "x".join(f"{v:g}" for v in spec["spacing_mm"])
         print(f"input {spec['scale']:<7} {fov} mm on {grid} voxels ({spacing} mm)")
     print(f"calibration   temperature {summary['temperature']:.3f}, threshold {summary['threshold']:.3f}")
+    print()
+    print(model.card.strip() or "(no model card)")
     return 0
 
 

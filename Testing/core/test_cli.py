@@ -302,6 +302,25 @@ def test_model_info_reads_a_model_file_and_prints_text(capsys, untrained_model_f
     assert "input macro   96x96x96 mm on 32x32x32 voxels (3x3x3 mm)" in stdout
 
 
+def test_model_info_shows_the_model_card(capsys) -> None:
+    """The card (data, protocol, held-out results, intended use) is where a user looks for it."""
+    code, stdout, stderr = run(capsys, "model-info", "--model", "lidc-phantom")
+    assert code == 0, stderr
+    assert "# Bundled model `lidc-phantom`" in stdout and "SEMI-SYNTHETIC" in stdout
+    code, stdout, stderr = run(capsys, "model-info", "--model", "lidc-phantom", "--json")
+    assert code == 0, stderr
+    assert "Label protocol: mean-excl3" in json.loads(stdout)["card"]
+
+
+def test_help_texts_say_what_the_commands_do(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "accuracy" in capsys.readouterr().out  # `benchmark` is not only speed
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--stop-after-epoch" not in capsys.readouterr().out  # a test hook, not a user option
+
+
 def test_model_info_of_a_corrupt_file_gives_one_error_line(tmp_path, capsys, untrained_model_file) -> None:
     path = corrupt_model(tmp_path / "corrupt.safetensors", untrained_model_file)
     code, _, stderr = run(capsys, "model-info", "--model", path)

@@ -17,7 +17,9 @@ from the URL. They come from the environment:
   ``{"username": ..., "password": ...}`` (keep it readable by you alone).
 
 Every failure is one :class:`DicomwebError` line: the server cannot be reached, refuses
-the credentials, does not have the study or series, or refuses to store an object.
+the credentials, does not have the study or series, or refuses to store an object. A store
+is checked afterwards with QIDO-RS: an object the server answered "stored" for but does not
+list counts as refused.
 
 A failed store: the objects go in two requests, the heatmaps (Parametric Maps) first, then
 the report (SR) only if every heatmap was stored. So a PACS never holds a report that points
@@ -40,6 +42,7 @@ TOKEN_ENV = "M3NET_DICOMWEB_TOKEN"
 USER_ENV = "M3NET_DICOMWEB_USER"
 PASSWORD_ENV = "M3NET_DICOMWEB_PASSWORD"
 CREDENTIALS_FILE_ENV = "M3NET_DICOMWEB_CREDENTIALS"
+TIMEOUT_S = (10.0, 300.0)  # to connect; to wait for the next bytes of an answer (a large series)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -73,7 +76,10 @@ def connect(url: str, environ: dict | None = None):
             f"or a file named by {CREDENTIALS_FILE_ENV}, never on the command line"
         )
     session, headers = _session(credentials(environ))
-    client = DICOMwebClient(url=url.rstrip("/"), session=session, headers=headers)
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, headers=headers, timeout=TIMEOUT_S)
+    # dicomweb-client retries any failure 5 times over ~30 s; a server that is down should say so
+    # at once, and a blip (or a busy server's 503) still gets one more try.
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
     client.m3net_url = url.rstrip("/")  # for messages
     return client
 
@@ -176,7 +182,26 @@ def _store(client, datasets: list) -> list[str]:
     if failed or (response.get("ReferencedSOPSequence") is not None and set(accepted) != set(wanted)):
         reasons = ", ".join(f"{uid or '?'} (failure reason {reason})" for uid, reason in failed.items())
         raise DicomwebError(f"{url} refused to store {reasons or 'some of ' + names}", stored=accepted)
+    # Trust, then verify: a server may answer "stored" for an instance it then drops (Orthanc's
+    # DICOMweb plugin does so for instances its ReceivedInstanceFilter refuses).
+    present = _present(client, datasets)
+    missing = [uid for uid in wanted if uid not in present]
+    if missing:
+        raise DicomwebError(f"{url} answered that it stored {', '.join(missing)} but does not have it "
+                            "(refused by a filter or a rule on the server)",
+                            stored=[uid for uid in wanted if uid in present])  # fmt: skip
     return wanted
+
+
+def _present(client, datasets: list) -> set[str]:
+    """The SOP Instance UIDs of ``datasets``' series that the server has (QIDO-RS)."""
+    url = client.m3net_url
+    present: set[str] = set()
+    for study, series in sorted({(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) for ds in datasets}):
+        found = _call(lambda study=study, series=series: client.search_for_instances(study, series),
+                      url, f"series {series}")  # fmt: skip
+        present |= {_value(item, "00080018") for item in found}
+    return present
 
 
 def _call(action, url: str, what: str, *, storing: bool = False):

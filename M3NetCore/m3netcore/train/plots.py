@@ -45,7 +45,7 @@ def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: st
                 label=f"operating point: sensitivity {y:.2f}, specificity {1 - x:.2f}")  # fmt: skip
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(figure, path)
 

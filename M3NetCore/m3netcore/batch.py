@@ -41,8 +41,10 @@ import io
 import json
 import os
 import re
+import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,7 @@ class RowOutcome:
     status: str
     error: str = ""
     seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -174,19 +177,23 @@ def predict_row(row: ManifestRow, options: BatchOptions) -> RowOutcome:
 
     start = time.perf_counter()
     folder = options.out / CT_FOLDER / row.name
-    try:
-        model, model_sha256 = _worker_model(options)
-        record = {"format": RECORD_FORMAT, "image": row.image_text, "series_uid": row.series_uid,
-                  "input_sha256": input_sha256(row), "model_sha256": model_sha256}  # fmt: skip
-        if _finished(folder, record):
-            return RowOutcome(row.name, "skipped", seconds=time.perf_counter() - start)
-        predict_to_folder(folder, row.image, model, points_file=row.points, series_uid=row.series_uid,
-                          coords=options.coords, explain=options.explain, device=options.device,
-                          model_source=options.model,
-                          extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - any error of one CT is that CT's failure; the batch goes on
-        return RowOutcome(row.name, "failed", error=one_line(err), seconds=time.perf_counter() - start)
-    return RowOutcome(row.name, "done", seconds=time.perf_counter() - start)
+    with warnings.catch_warnings(record=True) as caught:  # told by the coordinator, with the CT's name
+        warnings.simplefilter("always")
+        try:
+            model, model_sha256 = _worker_model(options)
+            record = {"format": RECORD_FORMAT, "image": row.image_text, "series_uid": row.series_uid,
+                      "input_sha256": input_sha256(row), "model_sha256": model_sha256}  # fmt: skip
+            if _finished(folder, record):
+                return RowOutcome(row.name, "skipped", seconds=time.perf_counter() - start)
+            predict_to_folder(folder, row.image, model, points_file=row.points, series_uid=row.series_uid,
+                              coords=options.coords, explain=options.explain, device=options.device,
+                              model_source=options.model,
+                              extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
+            status, error = "done", ""
+        except Exception as err:  # noqa: BLE001 - any error of one CT is that CT's failure; the batch goes on
+            status, error = "failed", one_line(err)
+    told = tuple(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    return RowOutcome(row.name, status, error=error, seconds=time.perf_counter() - start, warnings=told)
 
 
 def run_batch(
@@ -200,6 +207,7 @@ def run_batch(
     workers: int | None = None,
     scheduler: str | None = None,
     report: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> BatchSummary:
     """Predict every CT of ``manifest`` into ``out``; see the module's docstring for the layout.
 
@@ -211,6 +219,7 @@ def run_batch(
         workers: local worker processes (default: one per CPU core this process may use).
         scheduler: address of an existing Dask scheduler instead of local workers.
         report: called with one progress line per CT.
+        warn: called with each warning a CT gave (default: printed to stderr).
 
     Raises:
         M3NetInputError: a bad manifest, model, device or worker count; an unreachable scheduler.
@@ -248,6 +257,8 @@ def run_batch(
             for number, outcome in enumerate(ends, start=1):
                 row = by_name[outcome.name]
                 identity = (row.name, row.image_text, row.series_uid or "")
+                for message in outcome.warnings:
+                    (warn or _print_warning)(message if str(row.image) in message else f"{row.image_text}: {message}")
                 try:
                     nodule_rows = _folder_rows(options.out / CT_FOLDER / row.name)
                 except OSError as err:  # removed by hand since: a failure of this CT, not of the batch
@@ -343,6 +354,10 @@ def _outcomes(rows: list[ManifestRow], options: BatchOptions, workers: int | Non
                 future.release()
         finally:
             client.cancel(list(futures))
+
+
+def _print_warning(message: str) -> None:
+    print(f"m3net: warning: {message}", file=sys.stderr)
 
 
 def _folder_rows(folder: Path) -> list[list[str]]:

@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_run_model_info)
+    _add_predict_many_command(commands)
 
     lidc = commands.add_parser("lidc", help="LIDC-IDRI annotations: nodules, statistics, baselines, caches")
     lidc_commands = lidc.add_subparsers(dest="lidc_command", metavar="LIDC_COMMAND", required=True)
@@ -430,6 +431,42 @@ def _run_model_info(args: argparse.Namespace) -> int:
     print(f"calibration   temperature {summary['temperature']:.3f}, threshold {summary['threshold']:.3f}")
     print()
     print(model.card.strip() or "(no model card)")
+    return 0
+
+
+def _add_predict_many_command(commands) -> None:
+    many = commands.add_parser(
+        "predict-many", help="predict every CT of a manifest, resumably, on all local cores or a Dask cluster"
+    )
+    many.add_argument("manifest", metavar="MANIFEST",
+                      help="CSV with columns image, points[, series_uid]; paths relative to its folder")  # fmt: skip
+    many.add_argument("--out", required=True, metavar="DIR",
+                      help="output folder: cts/<name>/ per CT, results.csv, failures.csv")  # fmt: skip
+    many.add_argument("--model", default="demo", metavar="NAME|PATH", help="bundled model name or model file")
+    many.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    many.add_argument(
+        "--coords", choices=("lps", "ras"), default="lps", help="system of plain CSV points files (default lps)"
+    )
+    many.add_argument("--no-explain", action="store_true", help="skip the Grad-CAM heatmaps")
+    where = many.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per CPU core)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="use the workers of an existing Dask scheduler, e.g. tcp://10.1.2.3:8786")  # fmt: skip
+    many.set_defaults(run=_run_predict_many)
+
+
+def _run_predict_many(args: argparse.Namespace) -> int:
+    from m3netcore.batch import FAILURES_CSV, RESULTS_CSV, run_batch
+
+    _check_out_dir(args.out)
+    summary = run_batch(args.manifest, args.out, model=args.model, device=args.device, coords=args.coords.upper(),
+                        explain=not args.no_explain, workers=args.workers, scheduler=args.scheduler,
+                        report=lambda line: print(line, flush=True))  # fmt: skip
+    print(f"{summary.done} done, {summary.skipped} finished before, {summary.failed} failed; {summary.nodules} "
+          f"nodules in {args.out}/{RESULTS_CSV} ({summary.seconds:.1f} s)")  # fmt: skip
+    if summary.failed:
+        print(f"m3net: {summary.failed} CTs failed: see {args.out}/{FAILURES_CSV}", file=sys.stderr)
+        return 1
     return 0
 
 

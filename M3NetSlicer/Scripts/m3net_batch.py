@@ -11,11 +11,18 @@ or under plain Python with the ``slicer-core`` wheel (same arguments)::
 
 CT is an image file (NRRD, NIfTI, MHA, ...) or a DICOM folder; FILE is a Slicer markups
 file (.mrk.json), a CSV with x,y,z (and label) columns, or a LUNA16 annotations.csv.
-DIR receives results.csv and results.json (the same fields as ``m3net predict``), one
-NRRD per heatmap, the scene (scene/scene.mrml with its files) and one PNG per nodule, all
-at once when the run succeeds (an earlier run's set is replaced; other files are left
-alone; a second run into DIR at the same time is refused). Failures print one line and
-exit with status 2, and DIR is then as it was; nothing asks a question.
+DIR receives results.csv and results.json (the same fields as ``m3net predict``, with the
+run's provenance), one NRRD per heatmap, the scene (scene/scene.mrml with its files) and
+one PNG per nodule, all at once when the run succeeds (an earlier run's set is replaced;
+other files are left alone; a second run into DIR at the same time is refused). Failures
+print one line and exit with status 2, and DIR is then as it was; nothing asks a question.
+
+As ``m3net predict``: ``--report`` adds an overview PNG per nodule and report.html;
+``--dicom`` (DICOM input only) adds DIR/dicom/SR.dcm and a Parametric Map per nodule;
+``--dicomweb URL --study UID [--series-uid UID]`` reads the CT from a PACS instead of
+``--volume``, and ``--store`` sends the DICOM results back (credentials from the
+environment: M3NET_DICOMWEB_USER and M3NET_DICOMWEB_PASSWORD, M3NET_DICOMWEB_TOKEN, or
+M3NET_DICOMWEB_CREDENTIALS naming a JSON file).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="m3net_batch.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--volume", required=True, help="CT image file or DICOM folder")
+    parser.add_argument("--volume", help="CT image file or DICOM folder (or --dicomweb)")
     parser.add_argument("--points", required=True, help=".mrk.json, x,y,z CSV or LUNA16 annotations.csv")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default="demo", help="'demo' or a model file from `m3net train`")
@@ -41,7 +49,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--series-uid", help="DICOM series (and LUNA16 rows) to use")
     parser.add_argument("--per-scale", action="store_true", help="also make micro/meso/macro heatmap nodes")
     parser.add_argument("--no-render", action="store_true", help="skip the PNG per nodule")
-    return parser.parse_args(argv)
+    parser.add_argument("--report", action="store_true", help="also overview PNGs and report.html")
+    parser.add_argument("--dicom", action="store_true", help="also a DICOM SR and Parametric Maps in DIR/dicom")
+    parser.add_argument("--dicomweb", metavar="URL", help="read the CT from this DICOMweb service")
+    parser.add_argument("--study", metavar="UID", help="StudyInstanceUID of the CT on the --dicomweb service")
+    parser.add_argument("--store", action="store_true", help="send the DICOM results back to --dicomweb")
+    args = parser.parse_args(argv)
+    if bool(args.volume) == bool(args.dicomweb):
+        parser.error("give --volume CT or --dicomweb URL --study UID (one of them)")
+    if bool(args.dicomweb) != bool(args.study):
+        parser.error("--dicomweb and --study go together")
+    if args.store and not args.dicomweb:
+        parser.error("--store sends the DICOM results to the --dicomweb service")
+    args.dicom = args.dicom or args.store
+    if args.dicom and args.volume and not Path(args.volume).is_dir():
+        parser.error(f"--dicom needs a DICOM series as input (a folder or --dicomweb); {args.volume} is a file")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -91,18 +114,28 @@ def run(args: argparse.Namespace) -> int:
     import m3netcore
     from m3netcore.outputs import OutputFolder
     from m3netcore.points import points_for_image, unique_labels
+    from m3netcore.provenance import provenance
     from m3netcore.results import write_results
 
     started = time.perf_counter()
+    download = tempfile.TemporaryDirectory(prefix="m3net-dicomweb-")
+    volume_path, series_uid, client = args.volume, args.series_uid, None
+    if args.dicomweb:  # fetched before the output folder is touched
+        from m3netcore.dicomweb import connect, retrieve_ct_series
+
+        client = connect(args.dicomweb)
+        series_uid = retrieve_ct_series(client, args.study, args.series_uid, download.name)
+        volume_path = download.name
     # The folder is the run's: a second run into it is refused, and the whole set (results,
     # heatmaps, PNGs, scene) replaces the previous run's at once, or nothing changes.
-    with OutputFolder(args.out) as staging:
-        image = m3netcore.read_image(args.volume, series_uid=args.series_uid)
-        points = points_for_image(args.points, image, args.volume, coords=args.coords)  # LUNA files: this series
+    with download, OutputFolder(args.out) as staging:
+        image = m3netcore.read_image(volume_path, series_uid=series_uid)
+        points = points_for_image(args.points, image, volume_path, coords=args.coords)  # LUNA files: this series
         scene, application_logic, volume_rendering_logic, _keep_alive = _application()
         logic = M3NetLogic(scene, volume_rendering_logic)
         model = logic.load_model(args.model)
-        volume, markups = _input_nodes(scene, image, args.volume, points, unique_labels(p.label for p in points))
+        name = args.volume or f"study {args.study}"
+        volume, markups = _input_nodes(scene, image, name, points, unique_labels(p.label for p in points))
         views = None
         if not args.no_render:
             views = _views(scene, application_logic)
@@ -120,14 +153,44 @@ def run(args: argparse.Namespace) -> int:
         )
         labels = [nodule.label for nodule in output.nodules]
         results = [nodule.result for nodule in output.nodules]
-        write_results(results, labels, staging, source={"image": str(args.volume), "points": str(args.points)})
+        # The same provenance the Slicer module puts on its table and `m3net predict` writes.
+        record = provenance(image, volume_path, model, output.device, model_source=args.model)
+        if args.dicomweb:
+            record["input"].pop("path", None)
+            record["input"]["dicomweb"] = args.dicomweb
+        source = {"image": str(args.volume or args.dicomweb), "points": str(args.points)}
+        write_results(results, labels, staging, source=source, provenance=record)
         if views is not None:
             _render_nodules(logic, output, views, staging)
         save_scene(scene, staging / "scene")
+        written = _write_report_and_dicom(args, staging, image, volume_path, series_uid, model, record, labels,
+                                          results)  # fmt: skip
     for nodule in output.nodules:
         print(f"{nodule.label}: p={nodule.probability:.3f} ({nodule.prediction})")
     print(f"{len(results)} nodule(s) on {output.device} in {time.perf_counter() - started:.1f} s -> {args.out}")
+    if args.store and written is not None:
+        from m3netcore.dicomweb import store_files
+
+        stored = store_files(client, [Path(args.out) / "dicom" / path.name for path in written.paths])
+        print(f"stored {len(stored)} objects in study {args.study} on {args.dicomweb}")
     return 0
+
+
+def _write_report_and_dicom(args, staging, image, volume_path, series_uid, model, record, labels, results):
+    """``--report`` and ``--dicom``: the same files ``m3net predict`` writes; returns the DICOM files written."""
+    if args.report:
+        from m3netcore.report import ReportWriter
+
+        report = ReportWriter(staging, image, model, provenance=record)
+        for label, result in zip(labels, results, strict=True):
+            report.add(label, result)
+        report.close()
+    if not args.dicom:
+        return None
+    from m3netcore.dicom_out import read_series_headers, write_dicom_results
+
+    ct = read_series_headers(volume_path, series_uid or record["input"].get("series_instance_uid"))
+    return write_dicom_results(results, labels, ct, staging / "dicom", model=model, provenance=record)
 
 
 def _input_nodes(scene, image, volume_path, points, labels):

@@ -61,7 +61,7 @@ def software_version() -> str:
 
 def provenance(
     image: sitk.Image,
-    source_path: str | os.PathLike,
+    source_path: str | os.PathLike | None,
     model: Model,
     device: str,
     *,
@@ -73,7 +73,8 @@ def provenance(
     Args:
         image: the CT as read by :func:`m3netcore.read_image` (its series UID is used to
             pick the series' files in a folder with several).
-        source_path: what the CT was read from: a DICOM folder or an image file.
+        source_path: what the CT was read from: a DICOM folder (or one of its files) or an
+            image file; ``None`` for a volume that has no file.
         model: the model used.
         device: the device the model ran on (e.g. ``"cpu"``, ``"cuda:0"``).
         model_source: what the model was loaded from (a bundled name or a file path); its
@@ -110,12 +111,19 @@ def model_provenance(model: Model, model_source: str | os.PathLike | None = None
     return record
 
 
-def input_provenance(image: sitk.Image, source_path: str | os.PathLike) -> dict:
-    """DICOM UIDs and PatientID of a series folder, or the checksum of an image file."""
+def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None) -> dict:
+    """DICOM UIDs and PatientID of a series (a folder, or one of its files), or the checksum of an image file.
+
+    ``source_path=None`` (a volume that was never saved, e.g. made in Slicer): only what the
+    image itself says, its SeriesInstanceUID if it has one.
+    """
+    if source_path is None:
+        uid = series_uid_of(image)
+        return {"kind": "unsaved"} | ({"series_instance_uid": uid} if uid else {})
     path = Path(source_path)
-    if path.is_dir():
+    if path.is_dir() or _is_dicom_file(path):
         record = {"kind": "dicom", "path": str(path)}
-        record.update(dicom_identifiers(path, series_uid_of(image)))
+        record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid_of(image)))
         return record
     record = {"kind": "file", "path": str(path), "sha256": file_sha256(path)}
     data_file = _detached_data_file(path)
@@ -170,6 +178,34 @@ def csv_values(record: dict) -> dict[str, str]:
         "time": record.get("time", ""),
     }
     return {key: values[key] for key in CSV_FIELDS}
+
+
+def node_attributes(record: dict, prefix: str = "M3Net.provenance.") -> dict[str, str]:
+    """The record flattened into string attributes (``M3Net.provenance.input.study_instance_uid`` ...).
+
+    For MRML node attributes (the Slicer module's results table), which hold strings only.
+    """
+    flat: dict[str, str] = {}
+
+    def walk(value, name: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{name}.{key}" if name else str(key))
+        else:
+            flat[prefix + name] = "" if value is None else str(value)
+
+    walk(record, "")
+    return flat
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _detached_data_file(header: Path) -> Path | None:

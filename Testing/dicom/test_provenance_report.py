@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import m3netcore
 from m3netcore.checkpoint import bundled_registry, save_model
 from m3netcore.figure import _plane
-from m3netcore.provenance import CSV_FIELDS, provenance
+from m3netcore.provenance import CSV_FIELDS, node_attributes, provenance
 from m3netcore.report import NOT_FOR_CLINICAL_USE
 
 
@@ -94,3 +94,18 @@ def test_planes_are_shown_in_radiological_orientation(plane, top_left_lps):
     volume[corner[2], corner[1], corner[0]] = 1.0
     picture, _ = _plane(volume, plane, np.array([1.0, 1.0, 1.0]))
     assert picture[0, 0] == 1.0
+
+
+def test_one_dicom_file_unsaved_volumes_and_node_attributes(dicom_ct):
+    """What the Slicer module passes: a file of the series (from its DICOM database), or nothing."""
+    image = m3netcore.read_image(dicom_ct.folder)
+    model = m3netcore.load_model("demo")
+    from_file = provenance(image, next(dicom_ct.folder.glob("*.dcm")), model, "cpu", model_source="demo")
+    assert from_file["input"]["study_instance_uid"] == dicom_ct.study
+    assert from_file["input"]["frame_of_reference_uid"] == dicom_ct.frame
+    unsaved = provenance(image, None, model, "cpu")
+    assert unsaved["input"] == {"kind": "unsaved", "series_instance_uid": dicom_ct.series}
+    attributes = node_attributes(from_file)
+    assert attributes["M3Net.provenance.input.patient_id"] == dicom_ct.patient_id
+    assert attributes["M3Net.provenance.model.sha256"] == bundled_registry()["demo"]["sha256"]
+    assert all(isinstance(v, str) for v in attributes.values())

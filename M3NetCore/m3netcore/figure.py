@@ -105,8 +105,8 @@ def save_nodule_png(
         if heatmap is not None:
             weighted[spec.name] = float(attention.get(spec.name, 0.0)) * sitk.GetArrayFromImage(heatmap)
     peak = max((float(v.max()) for v in weighted.values()), default=0.0) or 1.0
-    figure, axes = plt.subplots(len(PLANES), len(scales), figsize=(2.6 * len(scales) + 0.8, 2.6 * len(PLANES) + 0.7),
-                                squeeze=False)  # fmt: skip
+    figure, axes = plt.subplots(len(PLANES), len(scales), figsize=(2.3 * len(scales) + 1.2, 2.3 * len(PLANES) + 0.8),
+                                squeeze=False, layout="constrained")  # fmt: skip
     overlay = None
     for column, spec in enumerate(scales):
         hu = sample_scale(image, result.point_lps, spec, preprocessing.outside_hu)
@@ -129,7 +129,7 @@ def save_nodule_png(
             if column == 0:
                 ax.set_ylabel(plane, fontsize=9)
     if overlay is not None:
-        bar = figure.colorbar(overlay, ax=axes, shrink=0.6, pad=0.02)
+        bar = figure.colorbar(overlay, ax=axes, shrink=0.6)
         bar.set_label("Grad-CAM x attention", fontsize=8)
     figure.suptitle(f"{label}: p(malignant) = {result.probability:.2f} ({result.label}) - "
                     f"{result.model.get('name', '')}\nresearch software, not for clinical use", fontsize=9)  # fmt: skip

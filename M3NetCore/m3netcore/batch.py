@@ -259,10 +259,12 @@ def run_batch(
                 identity = (row.name, row.image_text, row.series_uid or "")
                 for message in outcome.warnings:
                     (warn or _print_warning)(message if str(row.image) in message else f"{row.image_text}: {message}")
-                try:
-                    nodule_rows = _folder_rows(options.out / CT_FOLDER / row.name)
-                except OSError as err:  # removed by hand since: a failure of this CT, not of the batch
-                    outcome = RowOutcome(row.name, "failed", error=one_line(err))
+                nodule_rows = []
+                if outcome.status != "failed":
+                    try:
+                        nodule_rows = _folder_rows(options.out / CT_FOLDER / row.name)
+                    except OSError as err:  # removed by hand since: a failure of this CT, not of the batch
+                        outcome = RowOutcome(row.name, "failed", error=one_line(err))
                 if outcome.status == "failed":
                     summary.failed += 1
                     _append(failures, [(*identity, outcome.error)])

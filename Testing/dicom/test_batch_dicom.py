@@ -10,7 +10,7 @@ from pathlib import Path
 
 import highdicom as hd
 import pytest
-from conftest import NODULES_LPS
+from dicom_series import NODULES_LPS
 from pydicom.sr.codedict import codes
 
 SCRIPT = Path(__file__).resolve().parents[2] / "M3NetSlicer" / "Scripts" / "m3net_batch.py"

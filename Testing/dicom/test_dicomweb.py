@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import NODULES_LPS, write_ct_series
+from dicom_series import NODULES_LPS, write_ct_series
 
 from m3netcore.cli import main
 from m3netcore.dicomweb import PASSWORD_ENV, USER_ENV, connect

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import slicer
 import vtk
 
 import m3netcore
@@ -27,7 +28,8 @@ from M3NetSlicerLib import display, scene_outputs
 from M3NetSlicerLib.convert import control_points, image_from_volume_node, update_volume_node_from_image
 from M3NetSlicerLib.scene_outputs import TABLE_COLUMNS, NoduleOutput, RunOutput
 
-__all__ = ["TABLE_COLUMNS", "M3NetLogic", "NoduleOutput", "RunOutput", "results_table"]
+__all__ = ["TABLE_COLUMNS", "M3NetLogic", "NoduleOutput", "RunOutput", "results_table", "volume_source_path"]
+PROVENANCE_PREFIX = "M3Net.provenance."
 
 
 class M3NetLogic:
@@ -43,6 +45,8 @@ class M3NetLogic:
         self.scene = scene
         self.volume_rendering_logic = volume_rendering_logic
         self._models: dict[tuple[str, float], m3netcore.Model] = {}
+        self._model_sources: dict[int, str] = {}  # id(model) -> what it was loaded from
+        self._input_records: dict[tuple, dict] = {}  # (path, mtime, size) -> input provenance
 
     # -- model ---------------------------------------------------------------------------
 
@@ -61,6 +65,7 @@ class M3NetLogic:
             if text not in bundled_registry() and not Path(text).is_file():
                 raise M3NetInputError(f"no such model file: {text}")
             self._models[key] = m3netcore.load_model(text)
+            self._model_sources[id(self._models[key])] = text
         return self._models[key]
 
     # -- running ---------------------------------------------------------------------------
@@ -128,6 +133,7 @@ class M3NetLogic:
         if answers is None:
             return None
         output = self.write_outputs(volume_node, answers, per_scale=per_scale, threshold=threshold)
+        self._record_provenance(output, model)
         output.seconds = time.perf_counter() - start
         self.show_nodule(output, 0, opacity=opacity, threshold=threshold)
         return output
@@ -184,6 +190,29 @@ class M3NetLogic:
         device = answers[0][1].model.get("device", "") if answers else ""
         return RunOutput(volume_node=volume_node, table_node=table, nodules=nodules, device=device)
 
+    def _record_provenance(self, output: RunOutput, model: m3netcore.Model) -> None:
+        """The run's provenance (as ``m3net predict`` writes it) as attributes of the results table."""
+        from m3netcore.provenance import input_provenance, node_attributes, provenance
+
+        volume = output.volume_node
+        source = volume_source_path(volume)
+        image = image_from_volume_node(volume)
+        record = provenance(image, None, model, output.device, model_source=self._model_sources.get(id(model)))
+        if source is not None:  # the input's checksum, once per file version (a CT file can be large)
+            stat = Path(source).stat()
+            key = (source, stat.st_mtime_ns, stat.st_size)
+            if key not in self._input_records:
+                self._input_records[key] = input_provenance(image, source)
+            record["input"] = self._input_records[key]
+        table = output.table_node
+        names = vtk.vtkStringArray()
+        table.GetAttributeNames(names)
+        for index in range(names.GetNumberOfValues()):  # drop an earlier run's record first
+            if names.GetValue(index).startswith(PROVENANCE_PREFIX):
+                table.RemoveAttribute(names.GetValue(index))
+        for name, value in node_attributes(record, PROVENANCE_PREFIX).items():
+            table.SetAttribute(name, value)
+
     def show_nodule(
         self,
         output: RunOutput,
@@ -213,6 +242,20 @@ class M3NetLogic:
             node = self.scene.AddNewNodeByClass(class_name)
         scene_outputs.tag(self.scene, node, role, input_id, folder, number=number, scale=scale)
         return node
+
+
+def volume_source_path(volume_node) -> str | None:
+    """The file a volume came from: a DICOM file of its series, or its own file; None if unsaved."""
+    instance_uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)  # the application's DICOM database
+    if instance_uids and database is not None:
+        path = database.fileForInstance(instance_uids[0])
+        if path and Path(path).is_file():
+            return str(path)
+    storage = volume_node.GetStorageNode()
+    if storage is not None and storage.GetFileName() and Path(storage.GetFileName()).is_file():
+        return str(storage.GetFileName())
+    return None
 
 
 def _nodule_output(number: int, label: str, result: m3netcore.NoduleResult, nodes: dict) -> NoduleOutput:

@@ -9,8 +9,8 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 from M3NetSlicerLib.convert import control_points, ijk_to_ras_of_image, image_from_volume_node
-from M3NetSlicerLib.logic import TABLE_COLUMNS, M3NetLogic
-from mrml_helpers import add_points, add_volume
+from M3NetSlicerLib.logic import TABLE_COLUMNS, M3NetLogic, volume_source_path
+from mrml_helpers import MODULE_DIR, add_points, add_volume
 
 import m3netcore
 from m3netcore.errors import M3NetInputError, ModelFileError
@@ -279,3 +279,37 @@ def _area(model_node) -> float:
     mass.SetInputConnection(triangles.GetOutputPort())
     mass.Update()
     return mass.GetSurfaceArea()
+
+
+def test_results_table_records_where_the_answer_came_from(app, small_chest, model, tmp_path):
+    """The table carries the provenance ``m3net predict`` writes: input checksum, model checksum, device, time."""
+    import hashlib
+    import json
+
+    image, nodules = small_chest
+    volume = add_volume(app.scene, image)
+    points = add_points(app.scene, nodules)
+    logic = M3NetLogic(app.scene)
+    demo = logic.load_model("demo")
+    table = logic.run(volume, points, demo, device="cpu").table_node
+    assert table.GetAttribute("M3Net.provenance.input.kind") == "unsaved"  # made in memory, no file
+
+    assert volume.AddDefaultStorageNode()
+    storage = volume.GetStorageNode()
+    storage.SetFileName(str(tmp_path / "ct.nrrd"))
+    assert storage.WriteData(volume)
+    table = logic.run(volume, points, demo, device="cpu").table_node
+    sha256 = hashlib.sha256((tmp_path / "ct.nrrd").read_bytes()).hexdigest()
+    registry = json.loads((MODULE_DIR.parent / "M3NetCore" / "m3netcore" / "weights" / "registry.json").read_text())
+    assert table.GetAttribute("M3Net.provenance.input.kind") == "file"
+    assert table.GetAttribute("M3Net.provenance.input.sha256") == sha256
+    assert table.GetAttribute("M3Net.provenance.model.name") == demo.name
+    assert table.GetAttribute("M3Net.provenance.model.sha256") == registry["demo"]["sha256"]
+    assert table.GetAttribute("M3Net.provenance.device") == "cpu"
+    assert table.GetAttribute("M3Net.provenance.software.version") == m3netcore.__version__
+    assert table.GetAttribute("M3Net.provenance.time")
+
+    other = logic.load_model("lidc-phantom")  # a rerun with another model replaces the record
+    table = logic.run(volume, points, other, device="cpu").table_node
+    assert table.GetAttribute("M3Net.provenance.model.sha256") == registry["lidc-phantom"]["sha256"]
+    assert volume_source_path(volume) == str(tmp_path / "ct.nrrd")

@@ -59,6 +59,7 @@ IDENTITY_COLUMNS = ("ct", "image", "series_uid")
 FAILURE_COLUMNS = (*IDENTITY_COLUMNS, "error")
 NAME_CHARACTERS = 60  # of the image path kept in a CT folder's name, before its hash
 RECORD_FORMAT = 1
+BUSY_WAIT_S = 600.0  # how long a task waits for a CT folder that another task is writing
 
 
 @dataclass(frozen=True)
@@ -173,23 +174,11 @@ def predict_row(row: ManifestRow, options: BatchOptions) -> RowOutcome:
     Errors of the CT (unreadable, no points, a point outside) come back as a ``"failed"``
     outcome with one line; only the death of the process makes Dask run it again.
     """
-    from m3netcore.predict_folder import predict_to_folder
-
     start = time.perf_counter()
-    folder = options.out / CT_FOLDER / row.name
     with warnings.catch_warnings(record=True) as caught:  # told by the coordinator, with the CT's name
         warnings.simplefilter("always")
         try:
-            model, model_sha256 = _worker_model(options)
-            record = {"format": RECORD_FORMAT, "image": row.image_text, "series_uid": row.series_uid,
-                      "input_sha256": input_sha256(row), "model_sha256": model_sha256}  # fmt: skip
-            if _finished(folder, record):
-                return RowOutcome(row.name, "skipped", seconds=time.perf_counter() - start)
-            predict_to_folder(folder, row.image, model, points_file=row.points, series_uid=row.series_uid,
-                              coords=options.coords, explain=options.explain, device=options.device,
-                              model_source=options.model,
-                              extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
-            status, error = "done", ""
+            status, error = _predict_unless_finished(row, options), ""
         except Exception as err:  # noqa: BLE001 - any error of one CT is that CT's failure; the batch goes on
             status, error = "failed", one_line(err)
     told = tuple(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
@@ -314,6 +303,32 @@ def _worker_model(options: BatchOptions):
         described = model_provenance(model, options.model)
         _MODELS[key] = (model, described.get("sha256", described.get("weights_sha256", "")))
     return _MODELS[key]
+
+
+def _predict_unless_finished(row: ManifestRow, options: BatchOptions) -> str:
+    """``"skipped"`` or ``"done"``; waits for a folder another task still writes (a task left running by an
+    interrupted run on a cluster, or a task Dask started twice), then looks again whether it is finished."""
+    from m3netcore.outputs import OutputFolderBusy
+    from m3netcore.predict_folder import predict_to_folder
+
+    folder = options.out / CT_FOLDER / row.name
+    model, model_sha256 = _worker_model(options)
+    record = {"format": RECORD_FORMAT, "image": row.image_text, "series_uid": row.series_uid,
+              "input_sha256": input_sha256(row), "model_sha256": model_sha256}  # fmt: skip
+    waited_until = time.monotonic() + BUSY_WAIT_S
+    while True:
+        if _finished(folder, record):
+            return "skipped"
+        try:
+            predict_to_folder(folder, row.image, model, points_file=row.points, series_uid=row.series_uid,
+                              coords=options.coords, explain=options.explain, device=options.device,
+                              model_source=options.model,
+                              extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
+            return "done"
+        except OutputFolderBusy:
+            if time.monotonic() > waited_until:
+                raise
+            time.sleep(0.5)
 
 
 def _finished(folder: Path, record: dict) -> bool:

@@ -229,6 +229,31 @@ def test_a_worker_killed_mid_ct_costs_only_that_cts_retry(tmp_path, scheduler) -
     assert len(list(killed_folder.glob("*_heatmap_*.nrrd"))) == 12
 
 
+def test_ctrl_c_leaves_finished_cts_whole_and_the_next_run_goes_on(tmp_path, scheduler) -> None:
+    rows = [write_nrrd_ct(tmp_path, f"i-{n}", 20 + n, 2) for n in range(4)]
+    manifest, out = write_manifest(tmp_path, rows), tmp_path / "out"
+    argv = [str(M3NET), "predict-many", str(manifest), "--out", str(out), "--device", "cpu", "--scheduler", scheduler]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / CT_FOLDER).glob(f"*/{DONE_RECORD}")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no CT finished"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130, stderr
+    assert stderr.strip().endswith("m3net: interrupted")
+    for row in read_csv(out / "results.csv"):  # only whole CTs are in the table
+        assert (out / CT_FOLDER / row["ct"] / DONE_RECORD).is_file()
+
+    again = predict_many(manifest, out, "--scheduler", scheduler)  # a task of the first run may still be writing
+
+    assert again.returncode == 0, again.stderr
+    assert ", 0 failed; 8 nodules" in again.stdout and "0 finished before" not in again.stdout
+    keys = [(row["ct"], row["label"]) for row in read_csv(out / "results.csv")]
+    assert len(keys) == 8 and len(set(keys)) == 8
+
+
 def test_a_corrupt_ct_is_recorded_and_the_others_finish_on_local_workers(tmp_path) -> None:
     good = write_nrrd_ct(tmp_path, "good", 5, 1)
     (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 48 48 48\n\n" + b"\0" * 99)

@@ -5,7 +5,8 @@ benign count / malignant count of the training nodules) + lambda * cross-scale I
 + ``vote_weight`` * the per-scale vote loss (models that vote per scale; 0 for the others).
 AdamW with a linear warm-up and cosine decay to zero, stepped per optimiser step. After
 each epoch the main process scores the validation nodules (untransformed views), keeps the
-weights of the best validation AUC so far, and writes the checkpoint and ``metrics.csv``;
+weights of the best validation AUC so far (ties: lower validation loss, then the later
+epoch; :mod:`m3netcore.train.selection`), and writes the checkpoint and ``metrics.csv``;
 ``curves.png`` is redrawn after the last epoch, before a requested stop, and otherwise at
 most every ``PLOT_EVERY_S`` seconds (drawing it takes about a second: as long as a whole
 epoch on a GPU).
@@ -37,6 +38,7 @@ from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
 from m3netcore.train.metrics import roc_auc
 from m3netcore.train.progress import ProgressBar
+from m3netcore.train.selection import is_better_epoch
 
 
 class TrainingDivergedError(M3NetInputError):
@@ -277,8 +279,9 @@ class Trainer:
                 "nodules_per_s": round(self.steps_per_epoch * config.batch_size / seconds, 1),
             }  # fmt: skip
             self.history.append(row)
-            if row["val_auc"] > self.best["val_auc"]:
-                self.best = {"epoch": epoch, "val_auc": row["val_auc"], "network": cpu_state(self.network)}
+            if is_better_epoch(row, self.best):  # AUC, then lower validation loss, then the later epoch
+                self.best = {"epoch": epoch, "val_auc": row["val_auc"], "val_loss": row["val_loss"],
+                             "network": cpu_state(self.network)}  # fmt: skip
             save_checkpoint(self.out / CHECKPOINT_FILE, {
                 "epoch": epoch, "network": cpu_state(self.network), "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best, "history": self.history,

@@ -1,63 +1,64 @@
-"""A progress bar for training on a terminal: one line redrawn in place, no dependency.
+"""The trainer's progress: one :class:`m3netcore.progress.Progress` per epoch, named by its label.
 
-On a terminal the trainer draws ``epoch 3/12 [#####.......] 25/40  loss 1.2345  lr 1.8e-03
-95 nodules/s``, refreshed at most every ``interval`` seconds; the epoch's summary line then
-replaces it. Anywhere else (a log file, CI, a notebook's captured output) the bar is off and
-the trainer prints its periodic progress lines instead.
+On a terminal or in a notebook the epoch is a redrawn tqdm bar with elapsed time, ETA and
+the trainer's status (loss, learning rate, nodules/s); the epoch's summary line then
+replaces it. In a log file the same numbers come as a plain line at most every
+``line_every_s`` seconds::
+
+    epoch 3/12: 25/40 (62%), elapsed 00:10, ETA 00:06, 2.5 steps/s, loss 1.2345 lr 1.80e-03 95 nodules/s
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from m3netcore.progress import Progress, redraws_in_place
 
 
 class ProgressBar:
-    """One redrawn status line.
+    """The epoch's progress, shown while training.
 
     Args:
-        stream: where to draw (default ``sys.stderr``).
-        enabled: draw at all; default: whether ``stream`` is a terminal.
-        width: characters of the bar itself.
-        interval: seconds between redraws (the last step is always drawn).
+        stream: where to show it (default ``sys.stderr``).
+        enabled: show it at all (default: yes; a bar on a terminal or in a notebook, lines elsewhere).
+        interval: seconds between redraws of the bar.
+        line_every_s: seconds between plain lines (off a terminal).
+        delay_s: an epoch shorter than this shows nothing (its summary line suffices).
     """
 
-    def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, width: int = 24,
-                 interval: float = 0.2) -> None:  # fmt: skip
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, interval: float = 0.2,
+                 line_every_s: float = 10.0, delay_s: float = 2.0) -> None:  # fmt: skip
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = _is_terminal(self.stream) if enabled is None else enabled
-        self.width = width
-        self.interval = interval
-        self._last_draw = -float("inf")
-        self._shown = 0  # length of the line on screen
+        self.enabled = True if enabled is None else enabled
+        self.interval, self.line_every_s, self.delay_s = interval, line_every_s, delay_s
+        self._label: str | None = None
+        self._progress: Progress | None = None
 
     def due(self, done: int, total: int) -> bool:
-        """Whether :meth:`update` would draw now (callers skip reading GPU numbers otherwise)."""
-        return self.enabled and (done >= total or time.perf_counter() - self._last_draw >= self.interval)
+        """Whether :meth:`update` would show something now (callers skip reading GPU numbers otherwise)."""
+        if not self.enabled:
+            return False
+        if self._progress is None or self._progress.total != total:
+            return True  # the first step of a task: starts its clock
+        return self._progress.due(done)
 
     def update(self, label: str, done: int, total: int, text: str = "") -> None:
-        """Draw ``label [bar] done/total text`` over the previous line, if :meth:`due`."""
-        if not self.due(done, total):
+        """Count ``label``'s task at ``done`` of ``total`` steps with ``text`` after the numbers."""
+        if not self.enabled:
             return
-        filled = int(self.width * done / max(total, 1))
-        line = f"{label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}  {text}".rstrip()
-        self.stream.write("\r" + line + " " * max(0, self._shown - len(line)))
-        self.stream.flush()
-        self._shown = len(line)
-        self._last_draw = time.perf_counter()
+        if self._progress is None or label != self._label or total != self._progress.total:
+            self.clear()
+            self._label = label
+            every_s = self.interval if redraws_in_place(self.stream) else self.line_every_s
+            # the first call comes after the first step: the clock starts there
+            self._progress = Progress(label, total, stream=self.stream, delay_s=self.delay_s, initial=done,
+                                      every_s=every_s)  # fmt: skip
+        self._progress.update(done, text)
 
     def clear(self) -> None:
-        """Blank the line, so that the next printed line starts clean."""
-        if self.enabled and self._shown:
-            self.stream.write("\r" + " " * self._shown + "\r")
-            self.stream.flush()
-            self._shown = 0
-            self._last_draw = -float("inf")
+        """End the task shown: the bar is erased, so that the next printed line starts clean."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress, self._label = None, None
 
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # closed or not a file
-        return False

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m3netcore.errors import M3NetInputError
+from m3netcore.progress import Countdown
 
 CT_FOLDER = "cts"
 DONE_RECORD = "batch.json"
@@ -243,6 +244,7 @@ def run_batch(
         outcomes = contextlib.closing(_outcomes(rows, options, workers, scheduler))  # stops the workers on any exit
         with open(results_path, "a", encoding="utf-8", newline="") as results, \
                 open(failures_path, "a", encoding="utf-8", newline="") as failures, outcomes as ends:  # fmt: skip
+            countdown = Countdown(len(rows))
             for number, outcome in enumerate(ends, start=1):
                 row = by_name[outcome.name]
                 identity = (row.name, row.image_text, row.series_uid or "")
@@ -257,17 +259,19 @@ def run_batch(
                 if outcome.status == "failed":
                     summary.failed += 1
                     _append(failures, [(*identity, outcome.error)])
-                    report(f"[{number}/{len(rows)}] {row.image_text}: FAILED: {outcome.error}")
+                    report(f"[{number}/{len(rows)}] {row.image_text}: FAILED: {outcome.error} "
+                           f"({countdown.text(number)})")  # fmt: skip
                     continue
                 _append(results, [(*identity, *values) for values in nodule_rows])
                 summary.nodules += len(nodule_rows)
                 if outcome.status == "done":
                     summary.done += 1
                     report(f"[{number}/{len(rows)}] {row.image_text}: {len(nodule_rows)} nodules "
-                           f"({outcome.seconds:.1f} s)")  # fmt: skip
+                           f"({outcome.seconds:.1f} s; {countdown.text(number)})")  # fmt: skip
                 else:
                     summary.skipped += 1
-                    report(f"[{number}/{len(rows)}] {row.image_text}: finished before, skipped")
+                    report(f"[{number}/{len(rows)}] {row.image_text}: finished before, skipped "
+                           f"({countdown.text(number)})")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from m3netcore.progress import Progress, track
+from m3netcore.progress import Countdown, Progress, track
 
 CONTROL = re.compile(r"[\r\x1b\x08]")
 
@@ -49,3 +49,12 @@ def test_a_quick_step_writes_no_line_and_bad_settings_fail():
         Progress("x", 3, style="fancy")
     with pytest.raises(ValueError, match="-1"):
         Progress("x", -1)
+
+
+def test_a_countdown_gives_elapsed_and_eta_for_per_item_lines():
+    countdown = Countdown(4)
+    time.sleep(0.05)
+    middle, last = countdown.text(1), countdown.text(4)
+    assert re.fullmatch(r"1/4 done, elapsed 00:00, ETA 00:00", middle)
+    assert last == "4/4 done, elapsed 00:00"  # nothing left: no ETA
+    assert countdown.text(0) == "0/4 done, elapsed 00:00"  # no item yet: no rate to guess from

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from m3netcore.errors import M3NetInputError
+from m3netcore.progress import track
 
 READERS_MAX = 4
 RATING_NAMES = (
@@ -285,7 +286,7 @@ def load_nodules(path: str | os.PathLike | None = None, *, scan_ids: Iterable[in
             by_scan.setdefault(annotation.scan_id, []).append(annotation)
     wanted = sorted(by_scan) if scan_ids is None else sorted(set(scan_ids) & set(scans))
     nodules = []
-    for scan_id in wanted:
+    for scan_id in track(wanted, "LIDC nodules", unit="scans"):  # about a minute for the whole database
         scan = scans[scan_id]
         for k, group in enumerate(cluster_annotations(scan, by_scan.get(scan_id, [])), start=1):
             nodules.append(build_nodule(f"{scan.patient_id}-s{scan_id}-n{k}", scan, group))

@@ -18,6 +18,7 @@ from m3netcore.data.lidc import Nodule, load_nodules
 from m3netcore.data.manifest import lidc_rows, rows_to_csv
 from m3netcore.data.phantom import nodule_appearance, render_nodule_cubes
 from m3netcore.errors import M3NetInputError
+from m3netcore.progress import track
 
 DESCRIPTION = (
     "LIDC-phantom (SEMI-SYNTHETIC): every LIDC-IDRI nodule's consensus mask drawn at its scan's spacing into "
@@ -73,13 +74,12 @@ def build_phantom_cache(
             initargs=(nodules, specs, preprocessing, seed),
         ) as pool:
             try:
-                for done, (index, cubes, centre) in enumerate(
-                    pool.map(_render, range(len(nodules)), chunksize=8), start=1
-                ):
+                rendered = pool.map(_render, range(len(nodules)), chunksize=8)
+                for index, cubes, centre in track(rendered, "LIDC-phantom nodules", total=len(nodules),
+                                                  unit="nodules"):  # fmt: skip
                     row = rows[index] | _appearance_columns(nodules[index])
                     writer.add_cubes(index, cubes, centre, row)
-                    if done % 250 == 0 or done == len(nodules):
-                        log(f"rendered {done}/{len(nodules)} ({time.perf_counter() - started:.0f} s)")
+                log(f"rendered {len(nodules)} nodules ({time.perf_counter() - started:.0f} s)")
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)  # do not render the rest first
                 raise

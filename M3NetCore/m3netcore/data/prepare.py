@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from m3netcore.crops import Preprocessing
 from m3netcore.errors import M3NetInputError, M3NetWarning
+from m3netcore.progress import Progress
 
 MISSING_SHOWN = 5  # missing series UIDs named in the summary line
 
@@ -105,27 +106,29 @@ def prepare_lidc_cache(
         preprocessing=preprocessing,
     ) as writer:
         skipped: list[str] = []
-        for number, uid in enumerate(found, start=1):
-            series_rows = rows_by_series[uid]
-            patient = series_rows[0]["patient_id"]
-            # One unusable series (e.g. LIDC-IDRI-0123's uneven slices, which a volume with one
-            # spacing cannot represent) is left out with a warning, not the whole cache.
-            try:
-                image = read_image(folders[uid], series_uid=uid)
-                centres = [
-                    nodule_centre_lps(
-                        image, (float(row["centre_column"]), float(row["centre_row"]), float(row["centre_z_mm"]))
-                    )
-                    for row in series_rows
-                ]
-            except M3NetInputError as err:
-                skipped.append(f"LIDC series {uid} ({patient}): {err}")
-                log(f"[{number}/{len(found)}] {patient}: skipped: {err}")
-                continue
-            for row, centre_lps in zip(series_rows, centres, strict=True):
-                writer.add(index, image, centre_lps, row)
-                index += 1
-            log(f"[{number}/{len(found)}] {patient}: {len(series_rows)} nodules")
+        with Progress("LIDC series", len(found), unit="series") as progress:
+            for number, uid in enumerate(found, start=1):
+                progress.update(number - 1)
+                series_rows = rows_by_series[uid]
+                patient = series_rows[0]["patient_id"]
+                # One unusable series (e.g. LIDC-IDRI-0123's uneven slices, which a volume with one
+                # spacing cannot represent) is left out with a warning, not the whole cache.
+                try:
+                    image = read_image(folders[uid], series_uid=uid)
+                    centres = [
+                        nodule_centre_lps(
+                            image, (float(row["centre_column"]), float(row["centre_row"]), float(row["centre_z_mm"]))
+                        )
+                        for row in series_rows
+                    ]
+                except M3NetInputError as err:
+                    skipped.append(f"LIDC series {uid} ({patient}): {err}")
+                    log(f"[{number}/{len(found)}] {patient}: skipped: {err}")
+                    continue
+                for row, centre_lps in zip(series_rows, centres, strict=True):
+                    writer.add(index, image, centre_lps, row)
+                    index += 1
+            progress.update(len(found))
         if index == 0:
             raise M3NetInputError("no nodule could be cached: " + "; ".join(skipped))
         if skipped:

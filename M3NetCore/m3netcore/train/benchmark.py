@@ -34,6 +34,7 @@ from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.labels import check_protocol
 from m3netcore.data.manifest import read_rows_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.progress import Countdown
 from m3netcore.summary import model_summary
 from m3netcore.train.comparison import paired_by_nodule, spread
 from m3netcore.train.config import RunConfig
@@ -146,8 +147,10 @@ def accuracy_table(
             entry["data"] = str(feeding.path)
         planned.append((len(table), row, feeding.path))
         table.append(entry)
-    for position, result in _cross_validate_rows(planned, out, base, device, jobs, seeds, log):
+    countdown = Countdown(len(planned))
+    for done, (position, result) in enumerate(_cross_validate_rows(planned, out, base, device, jobs, seeds, log), 1):
         table[position] |= result | {"jobs": jobs}
+        log(f"accuracy table: {table[position]['name']} finished; rows {countdown.text(done)}")
     identity = {"table_version": TABLE_VERSION, "protocol": protocol, "config": base.to_dict(),
                 "cache_digest": cache_digest(cache)}  # fmt: skip
     table = _with_earlier_rows(out / "table.json", table, identity, log)

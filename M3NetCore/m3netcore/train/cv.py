@@ -31,6 +31,7 @@ from m3netcore.data.cache import Cache, open_cache
 from m3netcore.data.manifest import read_rows_csv, rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.outputs import user_entries
+from m3netcore.progress import Countdown
 from m3netcore.train.checkpointing import CHECKPOINT_FILE
 from m3netcore.train.comparison import paired_by_nodule, spread
 from m3netcore.train.config import RunConfig, read_json_mapping
@@ -105,12 +106,15 @@ def cross_validate(
             log(f"{name}: {'resuming' if resume else 'training'} {model_name} into {run}: queued for a worker")
             calls.append((name, train_run, (data, model_name, fold, run, settings),
                           {"resume": resume, "log": functools.partial(tagged_print, name)}))  # fmt: skip
+        countdown = Countdown(len(pending))
         with DevicePool(devices) as pool:
-            for name, _ in pool.run(calls):
-                log(f"{name}: finished")
+            for done, (name, _) in enumerate(pool.run(calls), start=1):
+                log(f"{name}: finished; folds {countdown.text(done)}")
     else:
-        for name, fold, run, settings, resume in pending:
-            log(f"{name}: {'resuming' if resume else 'training'} {model_name} into {run}")
+        countdown = Countdown(len(pending))
+        for done, (name, fold, run, settings, resume) in enumerate(pending):
+            doing = "resuming" if resume else "training"
+            log(f"{name}: {doing} {model_name} into {run} (folds {countdown.text(done)})")
             train_run(data, model_name, fold, run, settings, resume=resume, device=device, progress=progress,
                       log=log)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":

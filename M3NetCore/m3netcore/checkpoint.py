@@ -130,7 +130,8 @@ def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
     """Load a bundled model by name (``"demo"``) or a model file by path.
 
     A bundled name always means the bundled, checksummed file, whatever lies in the
-    working folder; a file of that name is loaded as ``./demo``. Anything else is a path.
+    working folder; a file of that name is loaded as ``./demo``. Next come the names of the
+    user's registry (:mod:`m3netcore.user_models`, checksummed too). Anything else is a path.
 
     Raises:
         ModelFileError: missing, truncated or corrupt file; another format or version;
@@ -150,10 +151,17 @@ def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
                 f"model {text!r} ({path}) failed its checksum: sha256 {actual}, expected {entry['sha256']}"
             )
         return read_model_file(path)
+    if isinstance(name_or_path, str):
+        from m3netcore.user_models import user_model_path  # the user's registry (m3net bundle --register)
+
+        registered = user_model_path(text)
+        if registered is not None:
+            return read_model_file(registered)
     path = Path(text)
     if not path.exists():
         known = ", ".join(sorted(registry)) or "none"
-        raise ModelFileError(f"no model file {text!r} (and no bundled model of that name; bundled: {known})")
+        raise ModelFileError(f"no model file {text!r} (and no bundled or registered model of that name; "
+                             f"bundled: {known})")  # fmt: skip
     return read_model_file(path)
 
 

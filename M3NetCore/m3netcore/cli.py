@@ -1,4 +1,4 @@
-"""The ``m3net`` command: predict, demo, model-info, lidc, train, cv, evaluate.
+"""The ``m3net`` command: predict, demo, model-info, lidc, train, cv, evaluate, bundle, export.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``m3net --help``
 answers at once. Bad input ends with one ``m3net: error: ...`` line and exit status 2.
@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from m3netcore.model_commands import add_model_file_commands
+
     parser = argparse.ArgumentParser(
         prog="m3net",
         description="Lung nodule malignancy from micro, meso and macro views of a CT (M3Net). "
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_run_model_info)
     _add_predict_many_command(commands)
+    add_model_file_commands(commands)  # bundle, export
 
     lidc = commands.add_parser("lidc", help="LIDC-IDRI annotations: nodules, statistics, baselines, caches")
     lidc_commands = lidc.add_subparsers(dest="lidc_command", metavar="LIDC_COMMAND", required=True)

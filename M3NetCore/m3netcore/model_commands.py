@@ -64,7 +64,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     written = export_onnx(model, args.out)
-    print(f"inputs   {', '.join(written['inputs'])}: float32 (N, 1, 32, 32, 32) each, HU-windowed crops")
+    shapes = ", ".join(f"{name} (N, {', '.join(map(str, written['shapes'][name][1:]))})" for name in written["inputs"])
+    print(f"inputs   {shapes}: float32 crops, HU-windowed to [0, 1]")
     print(f"outputs  {', '.join(written['outputs'])} (logit before calibration: temperature "
           f"{model.temperature:.3f}, threshold {model.threshold:.3f})")  # fmt: skip
     print(f"sha256   {written['sha256']}")

@@ -322,3 +322,12 @@ def test_evaluate_a_cv_folder_refuses_fold_and_protocol_and_a_run_needs_data(cv_
     assert "leave out --fold and --protocol" in capsys.readouterr().err
     assert main(["evaluate", str(cv_folder / "fold-0"), "--out", str(tmp_path / "e")]) == 2
     assert "--data CACHE is needed" in capsys.readouterr().err
+
+
+def test_evaluate_takes_a_bundled_model_by_name(two_fold_cache, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["evaluate", "demo", "--data", str(two_fold_cache), "--fold", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "demo" and report["fold"] == 1 and report["metrics"]["nodules"] == 20
+    assert main(["evaluate", "no-such-model", "--data", str(two_fold_cache), "--out", str(out)]) == 2
+    assert "no run folder, model file or bundled model no-such-model" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import pytest
 
 from m3netcore.checkpoint import load_model, save_model
 from m3netcore.cli import main
-from m3netcore.data.cache import Cache
 from m3netcore.data.manifest import read_rows_csv, rows_to_csv
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from m3netcore.train.config import RunConfig
@@ -191,15 +190,12 @@ def test_a_model_file_without_a_cache_digest_is_recognised_by_its_counts(fold0_m
     assert report["recognised_by"] == "nodule counts" and report["seen_in_training"]
 
 
-def test_the_bundled_lidc_phantom_model_knows_its_own_cache_by_counts() -> None:
-    """lidc-phantom 0.2.0 trained on every fold: 1,609 + 403 nodules, 516 + 130 malignant, under mean-excl3."""
-    from m3netcore.train.evaluate import trained_on_this_cache
-
+def test_the_bundled_lidc_phantom_model_holds_fold_0_out_and_knows_its_cache_by_content() -> None:
+    """lidc-phantom 0.3.0 trained on folds 1-4: fold 0 of the phantom it was made from is an honest test of it."""
     model = load_model("lidc-phantom")
-    rows = [{"nodule_id": f"N{i}", "patient_id": f"P{i // 2}", "fold": (i // 2) % 5,
-             "label_mean-excl3": int(i < 646)} for i in range(2012)]  # fmt: skip
-    own = Cache(path=Path("/elsewhere/PHANTOM"), info={"kind": "lidc-phantom"}, rows=rows, pyramids={})
-    other = Cache(path=own.path, info={"kind": "lidc-phantom"}, rows=rows[:-1], pyramids={})
-
-    assert trained_on_this_cache(model, own, "mean-excl3") == "nodule counts"
-    assert trained_on_this_cache(model, other, "mean-excl3") is None
+    training = model.metadata["training"]
+    assert (model.version, training["fold"], training["trained_folds"]) == ("0.3.0", 0, [1, 2, 3, 4])
+    assert training["split"]["test"]["nodules"] == 400 and len(model.metadata["trained_on"]["patients_sha256"]) > 400
+    assert "Fold 0 (400 nodules of its own patients) was held out" in model.card and "SEMI-SYNTHETIC" in model.card
+    # it is known by the digest of its cache's content, not by counts (as 0.2.0 was): another phantom is not its own
+    assert isinstance(training["cache_digest"], str) and len(training["cache_digest"]) >= 16

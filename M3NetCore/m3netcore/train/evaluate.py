@@ -89,7 +89,7 @@ def evaluate_model(
     protocol: str | None = None,
     device: str = "auto",
 ) -> dict:
-    """Evaluate a model file (or a run folder's model) on a cache; write the report; return it.
+    """Evaluate a model file, a run folder's model or a bundled model (by name) on a cache; write the report.
 
     The fold defaults to the one the run held out; without a fold every labelled nodule is
     used, which is only a fair test for data the model never trained on (the report says so).
@@ -98,8 +98,16 @@ def evaluate_model(
 
     source_path = Path(model_or_run)
     if not source_path.exists():
-        raise M3NetInputError(f"no run folder or model file {source_path}")
-    if source_path.is_dir():
+        from m3netcore.checkpoint import bundled_registry
+
+        if str(model_or_run) not in bundled_registry():
+            raise M3NetInputError(f"no run folder, model file or bundled model {source_path}")
+        # a bundled model by name ("lidc-phantom"): the checksummed file that ships with the package
+        model_or_run = str(model_or_run)
+        if out is None:
+            raise M3NetInputError("evaluating a bundled model needs --out DIR")
+        model_path, out = model_or_run, Path(out)
+    elif source_path.is_dir():
         model_path = source_path / "model.safetensors"
         if not model_path.is_file():
             raise M3NetInputError(f"{source_path} holds no model.safetensors (is the run finished?)")

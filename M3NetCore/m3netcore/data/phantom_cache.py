@@ -136,25 +136,35 @@ def _save_preview(writer: CacheWriter, nodules: Sequence[Nodule], rows: Sequence
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    columns = 6
-    lines = (len(chosen) + columns - 1) // columns
-    figure, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.3 * lines), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, index in zip(axes.ravel(), chosen, strict=False):
+    slices, titles = [], []
+    for index in chosen:
         cube = np.asarray(writer.pyramids["micro"][index], dtype=np.float32)
-        ax.imshow(cube[cube.shape[0] // 2], cmap="gray", vmin=-1000, vmax=400)
+        slices.append(cube[cube.shape[0] // 2])
         ratings = nodules[index].ratings
-        ax.set_title(
+        titles.append(
             f"{rows[index]['nodule_id']}\n"
             f"malignancy {'/'.join(map(str, ratings['malignancy']))}\n"
             f"texture {'/'.join(map(str, ratings['texture']))} margin {'/'.join(map(str, ratings['margin']))}\n"
-            f"calc. {'/'.join(map(str, ratings['calcification']))} d {rows[index]['diameter_mm']:.0f} mm",
-            fontsize=6.5,
+            f"calc. {'/'.join(map(str, ratings['calcification']))} d {rows[index]['diameter_mm']:.0f} mm"
         )
-    figure.suptitle(
-        "LIDC-phantom (semi-synthetic): micro views (36 mm) of real LIDC outlines in generated lung", fontsize=9
-    )
-    figure.tight_layout()
-    figure.savefig(writer.work / "preview.png", dpi=90)
+    figure = preview_figure(slices, titles)
+    figure.savefig(writer.work / "preview.png", dpi=100, bbox_inches="tight", pad_inches=0.08)
     plt.close(figure)
+
+
+def preview_figure(slices: Sequence[np.ndarray], titles: Sequence[str]):
+    """Micro-view slices (HU) with their readers' ratings as titles, four to a row, readable at 100 dpi."""
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    lines = max(1, (len(slices) + columns - 1) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.9 * lines), squeeze=False,
+                                layout="constrained")  # fmt: skip
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, title in zip(axes.ravel(), slices, titles, strict=False):
+        ax.imshow(image, cmap="gray", vmin=-1000, vmax=400)
+        ax.set_title(title, fontsize=9)  # about 12 px high at 100 dpi
+    figure.suptitle("LIDC-phantom (semi-synthetic): micro views (36 mm) of real LIDC outlines in generated lung",
+                    fontsize=12)  # fmt: skip
+    return figure

@@ -15,22 +15,35 @@ from m3netcore.atomic import atomic_path  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
-    """Training losses, validation loss and AUC, and the learning rate per epoch."""
+    """Training losses, validation loss and AUC, and the learning rate per epoch; the selected epoch marked."""
+    _save(curves_figure(history), path)
+
+
+def curves_figure(history: Sequence[dict]):
+    """The figure of :func:`plot_curves`: the legend below the panels, so it hides no curve."""
     epochs = [row["epoch"] for row in history]
-    figure, (losses, auc, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, label in (("train_loss", "train (total)"), ("bce_loss", "train BCE"), ("mi_loss", "train InfoNCE"),
-                       ("vote_loss", "train per-scale votes"), ("val_loss", "validation BCE")):  # fmt: skip
+    figure, (losses, auc, rate) = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
+    series = (("train_loss", "train (total)", "-", "o"), ("bce_loss", "train BCE", "-", "s"),
+              ("mi_loss", "train InfoNCE", "-", "^"), ("vote_loss", "train per-scale votes", ":", "x"),
+              ("val_loss", "validation BCE", "--", "D"))  # fmt: skip
+    for key, label, style, marker in series:
         if all(row.get(key) is not None for row in history):  # runs begun before the vote column lack it
-            losses.plot(epochs, [row[key] for row in history], marker=".", label=label)
+            losses.plot(epochs, [row[key] for row in history], linestyle=style, marker=marker, markersize=4,
+                        label=label)  # fmt: skip
     losses.set(xlabel="epoch", ylabel="loss", title="losses")
-    losses.legend(fontsize=8)
-    auc.plot(epochs, [row["val_auc"] for row in history], marker=".", color="tab:green")
-    auc.set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0.4, 1.0))
+    auc.plot(epochs, [row["val_auc"] for row in history], marker=".", color="tab:green", label="validation AUC")
+    auc.set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0.4, 1.02))
     rate.plot(epochs, [row["lr"] for row in history], marker=".", color="tab:gray")
     rate.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+    selected = _selected_epoch(history)
     for ax in (losses, auc, rate):
         ax.grid(alpha=0.3)
-    _save(figure, path)
+        if selected is not None:
+            ax.axvline(selected, color="black", linestyle="-.", linewidth=1.0,
+                       label=f"selected epoch {selected}" if ax is losses else None)  # fmt: skip
+    handles, labels = losses.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=9)
+    return figure
 
 
 def plot_roc(probabilities: np.ndarray, labels: np.ndarray, auc: float, path: str | os.PathLike, *,
@@ -87,7 +100,12 @@ def plot_confusion(matrix: np.ndarray, threshold: float | str, path: str | os.Pa
 
     ``threshold``: the calling threshold, or words for thresholds that differ (each fold's own).
     """
-    figure, ax = plt.subplots(figsize=(4, 3.6))
+    _save(confusion_figure(matrix, threshold), path)
+
+
+def confusion_figure(matrix: np.ndarray, threshold: float | str):
+    """The figure of :func:`plot_confusion` (constrained layout: the tick labels stay on the canvas)."""
+    figure, ax = plt.subplots(figsize=(4.4, 3.6), layout="constrained")
     ax.imshow(matrix, cmap="Blues")
     names = ("benign", "malignant")
     ax.set_xticks([0, 1], [f"called {n}" for n in names])
@@ -97,7 +115,7 @@ def plot_confusion(matrix: np.ndarray, threshold: float | str, path: str | os.Pa
                 color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
     ax.set_title(f"confusion at threshold {threshold:.3f}" if isinstance(threshold, float) else
                  f"confusion at {threshold}")  # fmt: skip
-    _save(figure, path)
+    return figure
 
 
 def roc_points(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +130,21 @@ def roc_points(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 
+def _selected_epoch(history: Sequence[dict]) -> int | None:
+    """The epoch the run keeps (the trainer's rule), or None for a history without validation numbers."""
+    from m3netcore.train.selection import is_better_epoch
+
+    best: dict = {"epoch": None, "val_auc": -np.inf}
+    for row in history:
+        if row.get("val_auc") is not None and row.get("val_loss") is not None and is_better_epoch(row, best):
+            best = {"epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"]}
+    return best["epoch"]
+
+
 def _save(figure, path: str | os.PathLike) -> None:
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
+        # "tight": whatever a label needs is on the canvas, never cut at its edge
+        figure.savefig(temporary, dpi=100, bbox_inches="tight", pad_inches=0.08)
     plt.close(figure)

@@ -137,7 +137,7 @@ def test_resume_from_a_garbage_checkpoint_is_one_line(stopped_run, capsys):
 
 def test_evaluate_of_a_path_that_does_not_exist_says_so(tiny_cache, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothere"), "--data", str(tiny_cache)]) == 2
-    assert f"no run folder or model file {tmp_path / 'nothere'}" in capsys.readouterr().err
+    assert f"no run folder, model file or bundled model {tmp_path / 'nothere'}" in capsys.readouterr().err
 
 
 def test_a_protocol_the_cache_has_no_labels_for_is_named(tiny_cache, tmp_path, capsys):

@@ -5,13 +5,17 @@ cuda:0,cuda:1`` or ``--devices all``), side by side in one worker process per de
 (:mod:`m3netcore.train.workers`); the results agree within float rounding (the workers
 use fewer torch threads each).
 
-Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder). Every
-nodule is predicted exactly once, by the model that did not train on its fold and was
-selected and calibrated without it; ``DIR/oof.csv`` holds these predictions and
-``DIR/summary.json`` / ``summary.md`` the pooled metrics with patient-bootstrap intervals
-and each fold's AUC. A folder with finished folds continues where it stopped: finished
-folds are kept, interrupted ones are resumed (one stopped during its first epoch starts
-again).
+Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder), and its
+further seeds in ``DIR/fold-K-seed-S``. Every nodule is predicted by the models that did
+not train on its fold and were selected and calibrated without it. Before pooling, each
+fold model gets an intercept and a temperature fitted on its own validation split, and
+a fold's seeds are averaged in that logit space (:mod:`m3netcore.train.pooling`), so
+that the pooled AUC measures the networks and not the folds' different calibrations.
+``DIR/oof.csv`` holds these predictions and ``DIR/summary.json`` / ``summary.md`` the
+pooled metrics with patient-bootstrap intervals, each fold's and seed's AUC, their
+spread, and the paired AUC difference to the diameter-only regression. A folder with
+finished folds continues where it stopped: finished folds are kept, interrupted ones are
+resumed (one stopped during its first epoch starts again).
 """
 
 from __future__ import annotations

@@ -80,17 +80,18 @@ class M3NetLogic:
         explain: bool = True,
         progress: Callable[[int, int, str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        image=None,
     ) -> list[tuple[str, m3netcore.NoduleResult]] | None:
         """The core's answers for every placed point; the scene is not touched.
 
         ``progress(done, total, label)`` is called before each nodule and at the end;
         ``should_cancel()`` is asked before each nodule and after the last, and ``None``
-        is returned if it said so.
+        is returned if it said so. ``image``: the volume as an image, if the caller has it.
 
         Raises:
             M3NetInputError: no volume, no points, a point outside the volume, and the like.
         """
-        image = image_from_volume_node(volume_node)
+        image = image_from_volume_node(volume_node) if image is None else image
         points = control_points(points_node)
         answers = []
         for done, (label, point_lps) in enumerate(points):
@@ -127,13 +128,14 @@ class M3NetLogic:
         Every failure happens before the scene is changed, so nothing is left half-done.
         """
         start = time.perf_counter()
+        image = image_from_volume_node(volume_node)  # once: a CT is tens of megabytes
         answers = self.predict(
-            volume_node, points_node, model, device=device, progress=progress, should_cancel=should_cancel
+            volume_node, points_node, model, device=device, progress=progress, should_cancel=should_cancel, image=image
         )
         if answers is None:
             return None
         output = self.write_outputs(volume_node, answers, per_scale=per_scale, threshold=threshold)
-        self._record_provenance(output, model)
+        self._record_provenance(output, model, image)
         output.seconds = time.perf_counter() - start
         self.show_nodule(output, 0, opacity=opacity, threshold=threshold)
         return output
@@ -190,13 +192,12 @@ class M3NetLogic:
         device = answers[0][1].model.get("device", "") if answers else ""
         return RunOutput(volume_node=volume_node, table_node=table, nodules=nodules, device=device)
 
-    def _record_provenance(self, output: RunOutput, model: m3netcore.Model) -> None:
+    def _record_provenance(self, output: RunOutput, model: m3netcore.Model, image) -> None:
         """The run's provenance (as ``m3net predict`` writes it) as attributes of the results table."""
         from m3netcore.provenance import input_provenance, node_attributes, provenance
 
         volume = output.volume_node
         source = volume_source_path(volume)
-        image = image_from_volume_node(volume)
         record = provenance(image, None, model, output.device, model_source=self._model_sources.get(id(model)))
         if source is not None:  # the input's checksum, once per file version (a CT file can be large)
             stat = Path(source).stat()

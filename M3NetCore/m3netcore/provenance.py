@@ -16,7 +16,6 @@ nothing once the file has moved.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
 from importlib import metadata
@@ -148,18 +147,13 @@ def dicom_identifiers(folder: str | os.PathLike, series_uid: str | None) -> dict
 
 
 def weights_sha256(model: Model) -> str:
-    """SHA-256 over the network's tensors (sorted by name): the same weights give the same digest."""
-    import torch
+    """SHA-256 over the network's tensors (sorted by name): the same weights give the same digest.
 
-    digest = hashlib.sha256()
-    state = model.network.state_dict()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    The digest model files record of their weights (``checkpoint``), computed from the network.
+    """
+    from m3netcore.checkpoint import _weights_digest
+
+    return _weights_digest(model.network.state_dict())
 
 
 def csv_values(record: dict) -> dict[str, str]:

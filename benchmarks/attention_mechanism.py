@@ -16,9 +16,9 @@ import torch
 
 from m3netcore.crops import default_preprocessing
 from m3netcore.data.mechanism import mechanism_dataset
+from m3netcore.metrics import roc_auc
 from m3netcore.models import build_model
 from m3netcore.train.loop import TrainConfig, predict_logits, train
-from m3netcore.train.metrics import roc_auc
 
 PREPROCESSING = default_preprocessing()
 SCALES = PREPROCESSING.scale_names

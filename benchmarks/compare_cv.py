@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from m3netcore.data.manifest import read_rows_csv
-from m3netcore.train.comparison import paired_by_nodule
-from m3netcore.train.cv import format_difference
+from m3netcore.evaluation.comparison import paired_by_nodule
+from m3netcore.evaluation.cv import format_difference
 
 
 def main(argv: list[str] | None = None) -> int:

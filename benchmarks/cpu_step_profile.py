@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from m3netcore.checkpoint import Model
+from m3netcore.evaluation.throughput import measure, training_loss
 from m3netcore.summary import model_summary
-from m3netcore.train.throughput import measure, training_loss
 
 # (stem width, stage widths) of the M3Net encoders to time; the first is the default.
 ENCODERS = (

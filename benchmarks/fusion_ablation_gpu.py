@@ -27,9 +27,9 @@ from torch import nn
 from m3netcore.crops import default_preprocessing, extract_crops
 from m3netcore.data.mechanism import mechanism_patch
 from m3netcore.losses import cross_scale_infonce, scale_vote_loss
+from m3netcore.metrics import roc_auc
 from m3netcore.models import build_model
 from m3netcore.models.output import ModelOutput
-from m3netcore.train.metrics import roc_auc
 
 P = default_preprocessing()
 SCALES = P.scale_names

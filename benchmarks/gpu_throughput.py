@@ -1,6 +1,6 @@
 """Training throughput on a GPU: the whole cache in GPU memory, augmentation on the GPU.
 
-A prepared script for a GPU machine (see :mod:`m3netcore.train.throughput` for what one
+A prepared script for a GPU machine (see :mod:`m3netcore.evaluation.throughput` for what one
 step does). Without ``--data`` it uses random HU cubes of the shapes a cache stores for
 each model (2652 nodules, as LIDC), which measures the same thing when the cache cannot be
 copied to the GPU machine. On the CPU, ``m3net benchmark throughput`` is the same
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from m3netcore.train.throughput import measure, table
+from m3netcore.evaluation.throughput import measure, table
 
 
 def main() -> None:

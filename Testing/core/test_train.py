@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from m3netcore.metrics import accuracy, expected_calibration_error, roc_auc
 from m3netcore.models import build_model
 from m3netcore.train.loop import TrainConfig, augment, evaluate_logits, fit_temperature, predict_logits, train
-from m3netcore.train.metrics import accuracy, expected_calibration_error, roc_auc
 
 
 def test_augment_applies_one_transform_to_all_views_of_a_nodule():

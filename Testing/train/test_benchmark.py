@@ -7,8 +7,8 @@ import json
 import pytest
 
 from m3netcore.cli import main
+from m3netcore.evaluation.benchmark import NETWORK_ROWS
 from m3netcore.models.registry import ARCHITECTURES
-from m3netcore.train.benchmark import NETWORK_ROWS
 
 
 def test_every_network_row_names_a_registered_architecture():
@@ -65,7 +65,7 @@ def test_unknown_rows_and_protocols_are_one_line_errors(two_fold_cache, tmp_path
 
 def test_rows_trained_in_parallel_processes_match_rows_trained_one_after_another(two_fold_cache, tmp_path):
     from m3netcore.data.manifest import read_rows_csv
-    from m3netcore.train.benchmark import accuracy_table
+    from m3netcore.evaluation.benchmark import accuracy_table
     from m3netcore.train.config import RunConfig
 
     config = RunConfig(batch_size=8, epochs=1, log_every=100)
@@ -95,7 +95,7 @@ def test_rows_that_the_main_cache_cannot_feed_train_on_an_extra_cache(tmp_path):
 
     from m3netcore.crops import default_preprocessing
     from m3netcore.errors import M3NetInputError
-    from m3netcore.train.benchmark import accuracy_table
+    from m3netcore.evaluation.benchmark import accuracy_table
     from m3netcore.train.config import RunConfig
 
     from .conftest import write_tiny_cache
@@ -123,7 +123,7 @@ def test_rows_that_the_main_cache_cannot_feed_train_on_an_extra_cache(tmp_path):
 
 
 def test_a_rerun_keeps_training_times_and_a_new_row_joins_the_earlier_table(two_fold_cache, tmp_path):
-    from m3netcore.train.benchmark import accuracy_table
+    from m3netcore.evaluation.benchmark import accuracy_table
     from m3netcore.train.config import RunConfig
 
     from .conftest import write_tiny_cache

@@ -11,10 +11,10 @@ import torch
 
 from m3netcore.cli import main
 from m3netcore.data.cache import open_cache
+from m3netcore.evaluation.cv import cross_validate
+from m3netcore.evaluation.evaluate import classification_metrics, evaluate_model
+from m3netcore.metrics import roc_auc
 from m3netcore.train.config import RunConfig
-from m3netcore.train.cv import cross_validate
-from m3netcore.train.evaluate import classification_metrics, evaluate_model
-from m3netcore.train.metrics import roc_auc
 
 QUICK = RunConfig(epochs=1, batch_size=8, log_every=100, seed=2)
 
@@ -271,7 +271,7 @@ def test_cv_pools_a_fold_whose_metrics_file_is_gone_and_leaves_its_time_unknown(
 def test_cv_with_two_seeds_averages_each_folds_recalibrated_logits(cv_folder, two_fold_cache, tmp_path):
     import shutil
 
-    from m3netcore.train.pooling import fit_recalibration
+    from m3netcore.evaluation.pooling import fit_recalibration
 
     folder = tmp_path / "cv"
     shutil.copytree(cv_folder, folder)

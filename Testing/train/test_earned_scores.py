@@ -175,7 +175,7 @@ def test_evaluate_recognises_training_patients_in_another_cache(fold0_model, tmp
 
 def test_a_model_file_without_a_cache_digest_is_recognised_by_its_counts(fold0_model, cache, tmp_path) -> None:
     """Files made before the digest was kept (the bundled lidc-phantom 0.2.0) record their split's counts."""
-    from m3netcore.train.evaluate import evaluate_model
+    from m3netcore.evaluation.evaluate import evaluate_model
 
     model = load_model(fold0_model)
     model.metadata = {"training": {k: v for k, v in model.metadata["training"].items() if k != "cache_digest"}}

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from m3netcore.data.manifest import rows_to_csv
-from m3netcore.train.comparison import paired_auc_difference, paired_by_nodule, spread
+from m3netcore.evaluation.comparison import paired_auc_difference, paired_by_nodule, spread
+from m3netcore.evaluation.cv import pool_cross_validation, seed_run_folder
+from m3netcore.evaluation.pooling import fit_recalibration, sigmoid
+from m3netcore.metrics import roc_auc
 from m3netcore.train.config import RunConfig
-from m3netcore.train.cv import pool_cross_validation, seed_run_folder
-from m3netcore.train.metrics import roc_auc
-from m3netcore.train.pooling import fit_recalibration, sigmoid
 
 
 def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from m3netcore.errors import M3NetInputError
+from m3netcore.metrics import best_threshold
 from m3netcore.train.config import RunConfig, read_config
-from m3netcore.train.metrics import best_threshold
 from m3netcore.train.trainer import warmup_cosine
 
 

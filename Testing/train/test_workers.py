@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from m3netcore.errors import M3NetInputError
-from m3netcore.train.workers import DevicePool, parse_devices
+from m3netcore.evaluation.workers import DevicePool, parse_devices
 
 
 def _hold(seconds: float, *, device: str) -> tuple[str, float, float]:

@@ -6,7 +6,7 @@ predictions, with 95% intervals from resampling patients (bootstrap).
 
 The regressions call a nodule malignant at the threshold of best balanced accuracy on the
 folds they were fitted on: the rule the networks follow on their validation split
-(:func:`m3netcore.train.metrics.best_threshold`), so that accuracy, sensitivity and
+(:func:`m3netcore.metrics.best_threshold`), so that accuracy, sensitivity and
 specificity compare like with like. The majority class calls every nodule the majority.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from m3netcore.data.labels import check_protocol
 from m3netcore.data.manifest import OTHER_RATINGS
 from m3netcore.errors import M3NetInputError
-from m3netcore.train.metrics import best_threshold, roc_auc
+from m3netcore.metrics import best_threshold, roc_auc
 
 BOOTSTRAP_SAMPLES = 1000
 

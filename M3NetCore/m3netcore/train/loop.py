@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3netcore.losses import cross_scale_infonce, scale_vote_loss
-from m3netcore.train.metrics import roc_auc
+from m3netcore.metrics import roc_auc
 
 
 @dataclass(frozen=True)

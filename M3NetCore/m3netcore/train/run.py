@@ -34,13 +34,13 @@ from m3netcore.checkpoint import Model, save_model
 from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.metrics import best_threshold, roc_auc
 from m3netcore.models.registry import architecture, build_model
 from m3netcore.outputs import user_entries
 from m3netcore.train import distributed
 from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import Split, ViewSource, split_cache
 from m3netcore.train.loop import fit_temperature
-from m3netcore.train.metrics import best_threshold, roc_auc
 from m3netcore.train.progress import ProgressBar
 from m3netcore.train.trainer import Trainer, TrainingDivergedError, predict_logits
 

@@ -31,12 +31,12 @@ from m3netcore.atomic import write_text_atomic
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
 from m3netcore.losses import scale_vote_loss
+from m3netcore.metrics import roc_auc
 from m3netcore.models.registry import build_model
 from m3netcore.train import NO_FIGURES, distributed
 from m3netcore.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import Split, ViewSource
-from m3netcore.train.metrics import roc_auc
 from m3netcore.train.progress import ProgressBar
 from m3netcore.train.selection import is_better_epoch
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from m3netcore.data.baselines import patient_bootstrap
-from m3netcore.train.metrics import roc_auc
+from m3netcore.metrics import roc_auc
 
 
 def paired_auc_difference(

@@ -2,14 +2,14 @@
 
 The folds train one after another, or, given several ``devices`` (``m3net cv --devices
 cuda:0,cuda:1`` or ``--devices all``), side by side in one worker process per device
-(:mod:`m3netcore.train.workers`); the results agree within float rounding (the workers
+(:mod:`m3netcore.evaluation.workers`); the results agree within float rounding (the workers
 use fewer torch threads each).
 
 Each fold's run lives in ``DIR/fold-K`` (a complete ``m3net train`` run folder), and its
 further seeds in ``DIR/fold-K-seed-S``. Every nodule is predicted by the models that did
 not train on its fold and were selected and calibrated without it. Before pooling, each
 fold model gets an intercept and a temperature fitted on its own validation split, and
-a fold's seeds are averaged in that logit space (:mod:`m3netcore.train.pooling`), so
+a fold's seeds are averaged in that logit space (:mod:`m3netcore.evaluation.pooling`), so
 that the pooled AUC measures the networks and not the folds' different calibrations.
 ``DIR/oof.csv`` holds these predictions and ``DIR/summary.json`` / ``summary.md`` the
 pooled metrics with patient-bootstrap intervals, each fold's and seed's AUC, their
@@ -34,18 +34,18 @@ from m3netcore.data.baselines import REFERENCE_MODELS
 from m3netcore.data.cache import Cache, open_cache
 from m3netcore.data.manifest import read_rows_csv, rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.evaluation.comparison import paired_by_nodule, spread
+from m3netcore.evaluation.evaluate import CALLED_METRICS, classification_metrics
+from m3netcore.evaluation.pooling import ENSEMBLE, POOLING, average_logits, fit_recalibration, logit, sigmoid
+from m3netcore.evaluation.workers import DevicePool, tagged_print
+from m3netcore.metrics import best_threshold, roc_auc
 from m3netcore.outputs import user_entries
 from m3netcore.progress import Countdown
 from m3netcore.train.checkpointing import CHECKPOINT_FILE
-from m3netcore.train.comparison import paired_by_nodule, spread
 from m3netcore.train.config import RunConfig, read_json_mapping
 from m3netcore.train.dataset import cache_folds
-from m3netcore.train.evaluate import CALLED_METRICS, classification_metrics
-from m3netcore.train.metrics import best_threshold, roc_auc
-from m3netcore.train.pooling import ENSEMBLE, POOLING, average_logits, fit_recalibration, logit, sigmoid
 from m3netcore.train.run import MODEL_FILE, VALIDATION_FILE, check_same_run, train_run
 from m3netcore.train.trainer import METRICS_FILE
-from m3netcore.train.workers import DevicePool, tagged_print
 
 CV_CONFIG_FILE = "cv-config.json"
 DIAMETER_ROW = next(name for name, features in REFERENCE_MODELS.items() if features == ("diameter_mm",))
@@ -67,7 +67,7 @@ def cross_validate(
 
     ``seeds``: models per fold, seeded ``config.seed``, ``config.seed + 1``, ...; the first
     trains into ``fold-K``, the others into ``fold-K-seed-S``. Their recalibrated logits are
-    averaged (:mod:`m3netcore.train.pooling`); each seed's own pooled AUC is reported too.
+    averaged (:mod:`m3netcore.evaluation.pooling`); each seed's own pooled AUC is reported too.
     A folder cross-validated with fewer seeds gains the missing ones.
 
     ``devices``: with two or more, the runs train side by side, one worker process per
@@ -259,9 +259,9 @@ def _validation_logits(run: Path, cache: Cache, fold: int) -> tuple[np.ndarray, 
     path = run / VALIDATION_FILE
     if not path.is_file():
         from m3netcore.checkpoint import load_model
+        from m3netcore.evaluation.evaluate import predict_probabilities
         from m3netcore.predict import resolve_device
         from m3netcore.train.dataset import split_cache
-        from m3netcore.train.evaluate import predict_probabilities
 
         config = _run_config_of(run)
         split = split_cache(cache, config.protocol, fold, validation_folds=config.validation_folds, seed=config.seed)
@@ -377,7 +377,7 @@ def format_spread(values: dict, *, extent: bool = True) -> str:
 
 
 def format_difference(paired: dict) -> str:
-    """``+0.012 (-0.010 to +0.034)`` of :func:`m3netcore.train.comparison.paired_auc_difference`."""
+    """``+0.012 (-0.010 to +0.034)`` of :func:`m3netcore.evaluation.comparison.paired_auc_difference`."""
     low, high = paired["ci"]
     return f"{paired['difference']:+.3f} ({low:+.3f} to {high:+.3f})"
 

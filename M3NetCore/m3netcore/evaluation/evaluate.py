@@ -24,10 +24,10 @@ from m3netcore.data.cache import cache_digest, open_cache
 from m3netcore.data.labels import DEFAULT_PROTOCOL, check_protocol
 from m3netcore.data.manifest import rows_to_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.metrics import expected_calibration_error, roc_auc
 from m3netcore.train import NO_FIGURES
 from m3netcore.train.config import RunConfig
 from m3netcore.train.dataset import ViewSource, cache_folds
-from m3netcore.train.metrics import expected_calibration_error, roc_auc
 
 CALLED_METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
 
@@ -172,7 +172,7 @@ def evaluate_cross_validation(
     """Pooled out-of-fold metrics of an ``m3net cv`` folder, with intervals, and the figures of a single run.
 
     Every seed that every fold has finished takes part; each fold model is recalibrated on
-    its own validation split before pooling (:mod:`m3netcore.train.pooling`). ``data``: the
+    its own validation split before pooling (:mod:`m3netcore.evaluation.pooling`). ``data``: the
     cache (default: the one its folds trained on, found by the path they recorded); it must
     be the folds' own, by content. Writes ``report.md``, ``report.json``,
     ``predictions.csv`` and the figures into ``out`` (default ``folder/evaluation``).
@@ -180,8 +180,7 @@ def evaluate_cross_validation(
     Raises:
         M3NetInputError: not a cv folder, no finished fold, or another cache.
     """
-    from m3netcore.train.config import read_json_mapping
-    from m3netcore.train.cv import (
+    from m3netcore.evaluation.cv import (
         CV_CONFIG_FILE,
         finished_seeds,
         format_difference,
@@ -190,6 +189,7 @@ def evaluate_cross_validation(
         pool_cross_validation,
         seed_run_folder,
     )
+    from m3netcore.train.config import read_json_mapping
     from m3netcore.train.run import check_same_run
 
     folder = Path(folder)

@@ -3,14 +3,14 @@
 Rows: the reference rows (majority class, diameter-only and diameter + ratings logistic
 regressions, :mod:`m3netcore.data.baselines`), the single-scale networks, the authors'
 ``resnet18x3`` shape, M3Net with lambda = 0, M3Net, and M3Net with each scale dropped.
-Every network row is ``m3net cv`` (:func:`m3netcore.train.cv.cross_validate`) into its own
+Every network row is ``m3net cv`` (:func:`m3netcore.evaluation.cv.cross_validate`) into its own
 folder under ``out``, with ``seeds`` models per fold whose logits are averaged after each
-fold model is recalibrated on its own validation split (:mod:`m3netcore.train.pooling`);
+fold model is recalibrated on its own validation split (:mod:`m3netcore.evaluation.pooling`);
 an interrupted benchmark continues where it stopped. Columns: pooled out-of-fold AUC with
 its patient-bootstrap 95% CI, the mean, SD and range of the per-fold AUCs, the seeds and
 each seed's own pooled AUC, the paired AUC difference to the diameter-only regression and
 to the best single-scale network on the same nodules (patient-bootstrap 95% CIs,
-:mod:`m3netcore.train.comparison`), accuracy with its CI, sensitivity, specificity,
+:mod:`m3netcore.evaluation.comparison`), accuracy with its CI, sensitivity, specificity,
 parameters, GFLOPs per nodule and training time. With ``jobs`` > 1 the network rows train that many at a time in
 worker processes (small models leave a GPU mostly idle; one process per row fills it). A
 row that cannot run (no GPU for a 48-GFLOP model, no cache with the cubes it needs, no
@@ -34,14 +34,14 @@ from m3netcore.data.cache import Cache, cache_digest, open_cache
 from m3netcore.data.labels import check_protocol
 from m3netcore.data.manifest import read_rows_csv
 from m3netcore.errors import M3NetInputError
+from m3netcore.evaluation.comparison import paired_by_nodule, spread
+from m3netcore.evaluation.cv import DIAMETER_ROW, cross_validate, format_difference, format_spread
+from m3netcore.evaluation.pooling import ENSEMBLE, POOLING
+from m3netcore.evaluation.workers import DevicePool, tagged_print
 from m3netcore.progress import Countdown
 from m3netcore.summary import model_summary
-from m3netcore.train.comparison import paired_by_nodule, spread
 from m3netcore.train.config import RunConfig
-from m3netcore.train.cv import DIAMETER_ROW, cross_validate, format_difference, format_spread
 from m3netcore.train.dataset import ViewSource, cache_folds
-from m3netcore.train.pooling import ENSEMBLE, POOLING
-from m3netcore.train.workers import DevicePool, tagged_print
 
 TABLE_VERSION = 3  # 3: folds recalibrated before pooling, seeds, per-fold spread, paired differences
 GPU_ONLY_GFLOPS = 10.0  # forward GFLOPs per nodule above which a row is not trained on a CPU

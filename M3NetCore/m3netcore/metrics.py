@@ -1,4 +1,4 @@
-"""Small, dependency-free metrics used while training."""
+"""Small, dependency-free metrics: AUC, accuracy, threshold, calibration error (training, evaluation, baselines)."""
 
 from __future__ import annotations
 

@@ -143,14 +143,7 @@ def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
     if isinstance(name_or_path, str) and text in registry:
         entry = registry[text]
         path = Path(str(resources.files("m3netcore") / "weights" / entry["file"]))
-        if not path.is_file():
-            raise ModelFileError(f"bundled model {text!r} is missing its file {path}")
-        actual = file_sha256(path)
-        if actual != entry["sha256"]:
-            raise ModelFileError(
-                f"model {text!r} ({path}) failed its checksum: sha256 {actual}, expected {entry['sha256']}"
-            )
-        return read_model_file(path)
+        return read_model_file(verified_file(path, entry["sha256"], f"bundled model {text!r}"))
     if isinstance(name_or_path, str):
         from m3netcore.user_models import user_model_path  # the user's registry (m3net bundle --register)
 
@@ -163,6 +156,20 @@ def load_model(name_or_path: str | os.PathLike = "demo") -> Model:
         raise ModelFileError(f"no model file {text!r} (and no bundled or registered model of that name; "
                              f"bundled: {known})")  # fmt: skip
     return read_model_file(path)
+
+
+def verified_file(path: Path, sha256: str, what: str, hint: str = "") -> Path:
+    """``path``, after checking that it exists and has the SHA-256 a registry recorded for it.
+
+    Raises:
+        ModelFileError: the file is missing or its SHA-256 differs (``hint`` says why that may be).
+    """
+    if not path.is_file():
+        raise ModelFileError(f"{what} is missing its file {path}")
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise ModelFileError(f"{what} ({path}) failed its checksum: sha256 {actual}, expected {sha256}{hint}")
+    return path
 
 
 def read_model_file(path: str | os.PathLike) -> Model:

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from m3netcore.atomic import write_text_atomic
-from m3netcore.checkpoint import REGISTRY_FILE, ModelFileError, bundled_registry, file_sha256, read_registry
+from m3netcore.checkpoint import REGISTRY_FILE, ModelFileError, bundled_registry, read_registry, verified_file
 from m3netcore.errors import M3NetInputError
 
 ENVIRONMENT_VARIABLE = "M3NET_MODELS"
@@ -56,15 +56,8 @@ def user_model_path(name: str) -> Path | None:
     path = Path(entry["file"]).expanduser()
     if not path.is_absolute():
         path = user_registry_folder() / path
-    if not path.is_file():
-        raise ModelFileError(f"registered model {name!r} is missing its file {path}")
-    actual = file_sha256(path)
-    if actual != entry["sha256"]:
-        raise ModelFileError(
-            f"registered model {name!r} ({path}) failed its checksum: sha256 {actual}, expected {entry['sha256']} "
-            f"(changed after `m3net bundle --register`?)"
-        )
-    return path
+    return verified_file(path, entry["sha256"], f"registered model {name!r}",
+                         " (changed after `m3net bundle --register`?)")  # fmt: skip
 
 
 def register_model(name: str, file: str | os.PathLike, sha256: str, version: str) -> Path:

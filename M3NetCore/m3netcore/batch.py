@@ -215,7 +215,7 @@ def run_batch(
         M3NetInputError: a bad manifest, model, device or worker count; an unreachable scheduler.
     """
     from m3netcore.atomic import write_text_atomic
-    from m3netcore.checkpoint import bundled_registry, load_model
+    from m3netcore.checkpoint import load_model
     from m3netcore.outputs import run_folder_lock
     from m3netcore.predict import resolve_device
     from m3netcore.results import CSV_COLUMNS
@@ -225,8 +225,7 @@ def run_batch(
     if workers is not None and workers < 1:
         raise M3NetInputError(f"--workers must be at least 1, got {workers}")
     rows = read_manifest(manifest)
-    if model not in bundled_registry():  # a file: workers may start elsewhere, so give them its full path
-        model = str(Path(model).resolve())
+    model = model_for_workers(model)
     load_model(model)  # a bad model is one error now, not one failure per CT
     if scheduler is None:
         resolve_device(device)
@@ -286,6 +285,21 @@ def one_line(err: BaseException) -> str:
     else:
         text = f"{type(err).__name__}: {err}"
     return " ".join(text.split()) or type(err).__name__
+
+
+def model_for_workers(model: str) -> str:
+    """What workers load: a bundled name as it is, else a file's full path (workers may start elsewhere).
+
+    A name from ``m3net bundle --register`` becomes its registered, checksummed file.
+    """
+    from m3netcore.checkpoint import bundled_registry
+    from m3netcore.user_models import user_model_path
+
+    if model in bundled_registry():
+        return model
+
+    registered = user_model_path(model)
+    return str((registered or Path(model)).resolve())
 
 
 # --- private ---------------------------------------------------------------------------------

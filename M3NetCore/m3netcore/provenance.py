@@ -122,7 +122,10 @@ def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None) -
     path = Path(source_path)
     if path.is_dir() or _is_dicom_file(path):
         record = {"kind": "dicom", "path": str(path)}
-        record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid_of(image)))
+        series_uid = series_uid_of(image)
+        if series_uid is None and path.is_file():  # e.g. a Slicer volume: the file names its series
+            series_uid = _header_value(path, "0020|000e")
+        record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid))
         return record
     record = {"kind": "file", "path": str(path), "sha256": file_sha256(path)}
     data_file = _detached_data_file(path)
@@ -144,6 +147,17 @@ def dicom_identifiers(folder: str | os.PathLike, series_uid: str | None) -> dict
     reader.ReadImageInformation()  # the header only
     found = {key: reader.GetMetaData(tag).strip() for tag, key in DICOM_TAGS.items() if reader.HasMetaDataKey(tag)}
     return {key: found.get(key, "") for key in DICOM_TAGS.values()}
+
+
+def _header_value(path: Path, tag: str) -> str | None:
+    """One tag of a DICOM file's header (not its pixels), or None."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
 
 
 def weights_sha256(model: Model) -> str:

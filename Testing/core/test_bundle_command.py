@@ -52,6 +52,11 @@ def test_bundle_writes_the_file_prints_card_and_sha256_and_registers_it_outside_
     assert (model.name, model.version) == ("m3net-tiny-x", "3")
     assert model.temperature == read_model_file(run_folder / "model.safetensors").temperature
     assert _package_weights_digest() == package_before  # nothing written into the installed package
+    # predict-many's workers get the registered file itself (they may run where the registry is not)
+    from m3netcore.batch import model_for_workers
+
+    assert model_for_workers("tiny-x") == str(out.resolve())
+    assert model_for_workers("demo") == "demo"
 
 
 def test_a_registered_file_changed_afterwards_fails_its_checksum(run_folder, tmp_path, monkeypatch):

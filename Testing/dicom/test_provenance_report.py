@@ -109,3 +109,23 @@ def test_one_dicom_file_unsaved_volumes_and_node_attributes(dicom_ct):
     assert attributes["M3Net.provenance.input.patient_id"] == dicom_ct.patient_id
     assert attributes["M3Net.provenance.model.sha256"] == bundled_registry()["demo"]["sha256"]
     assert all(isinstance(v, str) for v in attributes.values())
+
+
+def test_a_dicom_file_names_its_own_series_in_a_folder_of_several(tmp_path):
+    """A Slicer volume (no UID on the image) from one file of a folder holding two series: that file's series."""
+    from dicom_series import write_ct_series
+
+    from m3netcore.provenance import input_provenance
+
+    first = write_ct_series(tmp_path / "a", patient_id="FIRST")
+    second = write_ct_series(tmp_path / "b", patient_id="SECOND")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name, folder in (("a", tmp_path / "a"), ("b", tmp_path / "b")):
+        for file in folder.glob("*.dcm"):
+            file.rename(shared / f"{name}-{file.name}")
+    image = sitk.Image(4, 4, 4, sitk.sitkInt16)  # as converted from a volume node: no DICOM tags
+    for uids, prefix in ((first, "a"), (second, "b")):
+        record = input_provenance(image, shared / f"{prefix}-IM0003.dcm")
+        assert record["series_instance_uid"] == uids.series
+        assert record["patient_id"] == uids.patient_id

@@ -26,6 +26,7 @@ INPUT = "M3Net.Input"  # attribute: the ID of the input volume an output belongs
 NUMBER = "M3Net.Nodule"  # attribute: 1-based nodule number
 SCALE = "M3Net.Scale"  # attribute: "combined" or a scale name
 FIELDS_OF_VIEW = "M3Net.FieldsOfViewMm"  # attribute of a heatmap node: JSON {scale: [x, y, z]}
+SURFACE_OF = "M3Net.SurfaceOf"  # attribute of a surface: the level and heatmap voxels it was made from
 ROLE = display.ROLE
 FOLDER_NAME = "M3Net"
 OUTPUT_ROLES = ("results-table", "heatmap", "heatmap-surface", "fov-roi")
@@ -202,8 +203,12 @@ def set_heatmap_style(scene, output: RunOutput, *, opacity: float, threshold: fl
         combined = nodule.heatmap_nodes.get("combined")
         if surfaces and combined is not None:
             existing = find(scene, input_id, "heatmap-surface", number=nodule.number)
+            made_from = f"{float(threshold):.6f} {combined.GetID()} {combined.GetImageData().GetMTime()}"
+            if existing is not None and existing.GetAttribute(SURFACE_OF) == made_from:
+                continue  # same level of the same voxels: contouring again would give the same surface
             surface = display.update_heatmap_surface(scene, existing, combined, threshold)
             surface.SetName(f"M3Net {nodule.label} heatmap surface")
+            surface.SetAttribute(SURFACE_OF, made_from)
             tag(scene, surface, "heatmap-surface", input_id, folder, number=nodule.number)
     for composite in display.nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetForegroundOpacity(float(opacity))

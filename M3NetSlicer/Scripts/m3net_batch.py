@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     import m3netcore
     from m3netcore.outputs import OutputFolder
-    from m3netcore.points import points_for_image, unique_labels
+    from m3netcore.points import points_for_image, read_points, unique_labels
     from m3netcore.provenance import provenance
     from m3netcore.results import write_results
 
@@ -129,8 +129,12 @@ def run(args: argparse.Namespace) -> int:
     # The folder is the run's: a second run into it is refused, and the whole set (results,
     # heatmaps, PNGs, scene) replaces the previous run's at once, or nothing changes.
     with download, OutputFolder(args.out) as staging:
-        image = m3netcore.read_image(volume_path, series_uid=series_uid)
-        points = points_for_image(args.points, image, volume_path, coords=args.coords)  # LUNA files: this series
+        folder = Path(volume_path).is_dir()  # --series-uid picks a DICOM series, or LUNA rows for an image file
+        image = m3netcore.read_image(volume_path, series_uid=series_uid if folder else None)
+        if series_uid is not None and not folder:
+            points = read_points(args.points, coords=args.coords, series_uid=series_uid)
+        else:
+            points = points_for_image(args.points, image, volume_path, coords=args.coords)  # LUNA: this series
         scene, application_logic, volume_rendering_logic, _keep_alive = _application()
         logic = M3NetLogic(scene, volume_rendering_logic)
         model = logic.load_model(args.model)

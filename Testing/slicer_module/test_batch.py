@@ -260,3 +260,9 @@ def test_batch_reads_a_luna16_file_of_many_series_for_its_image(small_chest, tmp
     assert len(results) == len(nodules)
     for found, (_, lps) in zip(results, nodules, strict=True):
         assert found["point_lps"] == pytest.approx(list(lps), abs=1e-3)
+    # An image file of another name: --series-uid picks the file's rows, as the help says.
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    done = batch("--volume", tmp_path / "ct.nrrd", "--points", tmp_path / "annotations.csv", "--series-uid", uid,
+                 "--out", tmp_path / "out2", "--no-render")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads((tmp_path / "out2" / "results.json").read_text())["nodules"]) == len(nodules)

@@ -265,6 +265,10 @@ def test_3d_leaves_the_cts_own_display_alone_and_draws_heatmap_surfaces(app, sma
     # A higher threshold draws a smaller surface; rerunning keeps the same nodes.
     first = surfaces[0]
     area = _area(first)
+    made = first.GetPolyData().GetMTime()
+    logic.set_heatmap_style(output, opacity=0.9, threshold=0.3)  # opacity only: no contouring again
+    logic.show_nodule(output, 1, opacity=0.9, threshold=0.3)
+    assert first.GetPolyData().GetMTime() == made
     logic.set_heatmap_style(output, opacity=0.5, threshold=0.8)
     assert _area(first) < area
     ids = sorted(s.GetID() for s in surfaces)

@@ -139,11 +139,35 @@ def iter_predict(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not isinstance(model, Model):
-        if not isinstance(model, nn.Module) or not hasattr(model, "architecture_name"):
-            raise TypeError(f"model must come from load_model() or build_model(), got {type(model).__name__}")
-        name = model.architecture_name
-        model = Model(network=model, architecture=name, preprocessing=architecture(name).preprocessing())
+    model = as_model(model)
+    points_lps = checked_points(model, image, points, coords=coords, explain=explain)
+    target = resolve_device(device)
+    chunks = (points_lps[start : start + chunk_size] for start in range(0, len(points_lps), chunk_size))
+    return (
+        result
+        for chunk in chunks
+        for result in run_network(model, crop_batch(image, chunk, model), chunk, explain=explain, device=target)
+    )
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """A :class:`Model` for a loaded model or an untrained network (temperature 1, threshold 0.5)."""
+    if isinstance(model, Model):
+        return model
+    if not isinstance(model, nn.Module) or not hasattr(model, "architecture_name"):
+        raise TypeError(f"model must come from load_model() or build_model(), got {type(model).__name__}")
+    name = model.architecture_name
+    return Model(network=model, architecture=name, preprocessing=architecture(name).preprocessing())
+
+
+def checked_points(model: Model, image: sitk.Image, points: Iterable[Sequence[float]], *, coords: str = "LPS",
+                   explain: bool = True) -> list[tuple[float, float, float]]:  # fmt: skip
+    """The points in LPS after every check :func:`iter_predict` makes before its first result.
+
+    Raises:
+        M3NetInputError: an image that is not one 3D scalar volume, a point outside it,
+            heatmaps asked of a model that has none.
+    """
     check_image(image)
     points_lps = to_lps(points, coords)
     for point in points_lps:
@@ -153,26 +177,31 @@ def iter_predict(
             f"{model.architecture} gives no heatmaps (its feature maps do not line up with the input "
             "grid); predict with explain=False (CLI: --no-explain)"
         )
+    return [tuple(float(v) for v in point) for point in points_lps]
+
+
+def crop_batch(image: sitk.Image, points_lps: Sequence[Sequence[float]], model: Model) -> dict[str, np.ndarray]:
+    """Each scale's crops around the points, stacked: ``{scale: float32 array [points, z, y, x]}``.
+
+    The CPU half of a prediction; :func:`run_network` is the device half. Batches of
+    several CTs are made by concatenating these along the first axis.
+    """
+    per_point = [extract_crops(image, point, model.preprocessing) for point in points_lps]
+    return {name: np.stack([crops[name] for crops in per_point]) for name in model.preprocessing.scale_names}
+
+
+def run_network(model: Model, crops: dict[str, np.ndarray], points_lps: Sequence[Sequence[float]], *,
+                explain: bool = True, device: str | torch.device = "auto") -> list[NoduleResult]:  # fmt: skip
+    """The results for stacked crops (:func:`crop_batch`, possibly of several CTs), one per point, in order.
+
+    Each nodule's result depends on its own crops only (the network is in eval mode), so a
+    nodule gets the same answer whatever else shares its forward pass.
+    """
+    preprocessing = model.preprocessing
     target = resolve_device(device)
     network = model.network.to(target).eval()
     described = model.describe() | {"device": str(target)}
-    chunks = (points_lps[start : start + chunk_size] for start in range(0, len(points_lps), chunk_size))
-    return (
-        result
-        for chunk in chunks
-        for result in _predict_chunk(model, network, image, chunk, explain, target, described)
-    )
-
-
-def _predict_chunk(model: Model, network: nn.Module, image: sitk.Image, points_lps, explain: bool,
-                   target: torch.device, described: dict) -> list[NoduleResult]:  # fmt: skip
-    preprocessing = model.preprocessing
-    per_point = [extract_crops(image, point, preprocessing) for point in points_lps]
-    batch = [
-        torch.from_numpy(np.stack([crops[name] for crops in per_point]))[:, None].to(target)
-        for name in preprocessing.scale_names
-    ]
-    del per_point
+    batch = [torch.from_numpy(crops[name])[:, None].to(target) for name in preprocessing.scale_names]
 
     cams = None
     if explain:
@@ -226,4 +255,14 @@ def _probabilities(logits: torch.Tensor, model: Model) -> torch.Tensor:
     return probabilities
 
 
-__all__ = ["DEFAULT_CHUNK", "NoduleResult", "iter_predict", "predict", "resolve_device"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "NoduleResult",
+    "as_model",
+    "checked_points",
+    "crop_batch",
+    "iter_predict",
+    "predict",
+    "resolve_device",
+    "run_network",
+]

@@ -21,10 +21,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from m3netcore.checkpoint import Model
 from m3netcore.errors import M3NetInputError
 from m3netcore.points import LabeledPoint
+
+if TYPE_CHECKING:
+    from m3netcore.batching import NoduleBatcher
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ def predict_to_folder(
     model_source: str | os.PathLike | None = None,
     extra_files: Mapping[str, str] | None = None,
     on_result: Callable[[str, object], None] | None = None,
+    batcher: NoduleBatcher | None = None,
+    dicomweb: str | None = None,
+    known_sha256: Mapping[str, str] | None = None,
 ) -> FolderResults:
     """Read one CT, predict its points and write results.json, results.csv and heatmaps into ``out_dir``.
 
@@ -70,6 +77,12 @@ def predict_to_folder(
         extra_files: ``{name: text}`` written into the folder after the results, so they appear
             last (a completion record written here means the set before it is whole).
         on_result: called with ``(label, result)`` after each nodule is written (progress lines).
+        batcher: run the network through this :class:`m3netcore.batching.NoduleBatcher` (its
+            device and ``explain`` then apply), sharing forward passes with other threads' CTs.
+        dicomweb: the DICOMweb service ``image_path`` (a DICOM folder) was downloaded from;
+            provenance and the tables name the service instead of the temporary folder.
+        known_sha256: ``{absolute path: SHA-256}`` of files hashed already (see
+            :func:`m3netcore.provenance.provenance`).
 
     Raises:
         M3NetInputError: unreadable CT or points file, no points, a point outside the CT, a
@@ -95,9 +108,18 @@ def predict_to_folder(
             else:  # LUNA16/LUNA25 rows are filtered by the series the image says it is
                 points += points_for_image(points_file, image, image_path, coords=coords)
         labels = unique_labels(p.label for p in points)
-        record = provenance(image, image_path, model, str(resolve_device(device)), model_source=model_source)
-        results = iter_predict(model, image, [p.lps for p in points], coords="LPS", explain=explain, device=device)
-        source = {"image": str(image_path), "model": str(model_source if model_source is not None else model.name)}
+        ran_on = batcher.device if batcher is not None else resolve_device(device)
+        record = provenance(image, image_path, model, str(ran_on), model_source=model_source,
+                            known_sha256=known_sha256)  # fmt: skip
+        if dicomweb:
+            record["input"].pop("path", None)
+            record["input"]["dicomweb"] = dicomweb
+        if batcher is not None:
+            results = batcher.iter_predict(image, [p.lps for p in points])
+        else:
+            results = iter_predict(model, image, [p.lps for p in points], coords="LPS", explain=explain, device=device)
+        source = {"image": str(dicomweb or image_path),
+                  "model": str(model_source if model_source is not None else model.name)}  # fmt: skip
         with ResultsWriter(staging, source=source, provenance=record) as writer:
             for label, result in zip(labels, results, strict=True):
                 writer.add(label, result)

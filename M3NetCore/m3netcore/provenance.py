@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def provenance(
     *,
     model_source: str | os.PathLike | None = None,
     time: datetime.datetime | None = None,
+    known_sha256: Mapping[str, str] | None = None,
 ) -> dict:
     """The provenance record of one prediction run (JSON-ready).
 
@@ -80,6 +82,9 @@ def provenance(
             file's SHA-256 is recorded. Without it, the SHA-256 of the weights is recorded
             (``model.weights_sha256``), which identifies the network but not the file.
         time: when the run happened (default: now, UTC).
+        known_sha256: ``{absolute path: SHA-256}`` of files the caller hashed already (a batch
+            worker hashes each CT's files for its own record and its model file once), so
+            they are not read again.
 
     Returns:
         ``{"time", "software": {"name", "version"}, "device", "model": {...},
@@ -90,13 +95,14 @@ def provenance(
         "time": when,
         "software": {"name": "m3net-core", "version": software_version()},
         "device": str(device),
-        "model": model_provenance(model, model_source),
-        "input": input_provenance(image, source_path),
+        "model": model_provenance(model, model_source, known_sha256=known_sha256),
+        "input": input_provenance(image, source_path, known_sha256=known_sha256),
     }
 
 
-def model_provenance(model: Model, model_source: str | os.PathLike | None = None) -> dict:
-    """The model's name, version, architecture and checksum."""
+def model_provenance(model: Model, model_source: str | os.PathLike | None = None, *,
+                     known_sha256: Mapping[str, str] | None = None) -> dict:  # fmt: skip
+    """The model's name, version, architecture and checksum (``known_sha256``: as for :func:`provenance`)."""
     record = {"name": model.name, "version": model.version, "architecture": model.architecture}
     registry = bundled_registry()
     if isinstance(model_source, str) and model_source in registry:
@@ -104,14 +110,17 @@ def model_provenance(model: Model, model_source: str | os.PathLike | None = None
         record["sha256"] = registry[model_source]["sha256"]  # load_model checked the file against it
     elif model_source is not None and Path(model_source).is_file():
         record["source"] = str(model_source)
-        record["sha256"] = file_sha256(model_source)
+        record["sha256"] = _sha256(model_source, known_sha256)
     else:
         record["weights_sha256"] = weights_sha256(model)
     return record
 
 
-def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None) -> dict:
+def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None, *,
+                     known_sha256: Mapping[str, str] | None = None) -> dict:  # fmt: skip
     """DICOM UIDs and PatientID of a series (a folder, or one of its files), or the checksum of an image file.
+
+    ``known_sha256``: as for :func:`provenance`.
 
     ``source_path=None`` (a volume that was never saved, e.g. made in Slicer): only what the
     image itself says, its SeriesInstanceUID if it has one.
@@ -127,11 +136,11 @@ def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None) -
             series_uid = _header_value(path, "0020|000e")
         record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid))
         return record
-    record = {"kind": "file", "path": str(path), "sha256": file_sha256(path)}
-    data_file = _detached_data_file(path)
+    record = {"kind": "file", "path": str(path), "sha256": _sha256(path, known_sha256)}
+    data_file = detached_data_file(path)
     if data_file is not None:
         record["data_file"] = str(data_file)
-        record["data_file_sha256"] = file_sha256(data_file)
+        record["data_file_sha256"] = _sha256(data_file, known_sha256)
     return record
 
 
@@ -216,7 +225,11 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _detached_data_file(header: Path) -> Path | None:
+def _sha256(path: str | os.PathLike, known: Mapping[str, str] | None) -> str:
+    return (known or {}).get(os.path.abspath(path)) or file_sha256(path)
+
+
+def detached_data_file(header: Path) -> Path | None:
     """The pixel file a ``.mhd`` (ElementDataFile) or ``.nhdr`` (data file) header points to, if one."""
     suffix = header.suffix.lower()
     if suffix not in (".mhd", ".nhdr"):

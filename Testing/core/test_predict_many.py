@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +34,8 @@ HEATMAP_SCALES = ("micro", "meso", "macro", "combined")
 
 @pytest.fixture(scope="module")
 def scheduler() -> str:
-    """The address of a LocalCluster of two single-threaded worker processes, on loopback only."""
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+    """The address of a LocalCluster of two worker processes of two threads (one reads ahead), on loopback only."""
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1",
                                   dashboard_address=None) as cluster:  # fmt: skip
         yield cluster.scheduler_address
 
@@ -280,6 +281,10 @@ def bad_manifests(folder: Path) -> dict[str, tuple[list[str], str]]:
     (folder / "header-only.csv").write_text("image,points\n")
     (folder / "twice.csv").write_text(f"image,points\n{ct[0]},{ct[1]}\n{ct[0]},{ct[1]}\n")
     (folder / "empty-cell.csv").write_text(f"image,points\n{ct[0]},\n")
+    (folder / "url.csv").write_text(f"image,points\nhttps://pacs.example.org/wado,{ct[1]}\n")
+    (folder / "url-series.csv").write_text(
+        f"image,points,series_uid\nhttps://pacs.example.org/dicom-web/studies/1.2/series/1.2.3,{ct[1]},1.2.4\n"
+    )
     good = write_manifest(folder, [ct])
     out = str(folder / "out")
     return {
@@ -289,13 +294,20 @@ def bad_manifests(folder: Path) -> dict[str, tuple[list[str], str]]:
         "a CT twice": (["predict-many", str(folder / "twice.csv"), "--out", out], "line 3: the same CT as line 2"),
         "empty cell": (["predict-many", str(folder / "empty-cell.csv"), "--out", out], "line 2: empty points"),
         "no workers": (["predict-many", str(good), "--out", out, "--workers", "0"], "--workers must be at least 1"),
+        "read-ahead": (["predict-many", str(good), "--out", out, "--read-ahead", "-1"], "--read-ahead must be"),
+        "not a study URL": (["predict-many", str(folder / "url.csv"), "--out", out],
+                            "line 2: https://pacs.example.org/wado is not a DICOMweb study"),
+        "two series": (["predict-many", str(folder / "url-series.csv"), "--out", out],
+                       "the URL names series 1.2.3 but series_uid is 1.2.4"),
         "bad model": (["predict-many", str(good), "--out", out, "--model", str(folder / "x.safetensors")],
                       "no model file"),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "case", ["missing file", "no points column", "no rows", "a CT twice", "empty cell", "no workers", "bad model"]
+    "case",
+    ["missing file", "no points column", "no rows", "a CT twice", "empty cell", "no workers", "read-ahead",
+     "not a study URL", "two series", "bad model"],  # fmt: skip
 )
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case) -> None:
     argv, expected = bad_manifests(tmp_path)[case]
@@ -306,3 +318,40 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case) -> None:
     assert code == EXIT_BAD_INPUT
     assert err.count("\n") == 1 and err.startswith("m3net: error: ") and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_scheduler_leaves_the_last_runs_tables(first_run, monkeypatch, capsys) -> None:
+    from m3netcore import batch
+
+    out = first_run["out"]
+    tables = {name: (out / name).read_text() for name in ("results.csv", "failures.csv")}
+    monkeypatch.setattr(batch, "SCHEDULER_TIMEOUT", "2s")
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+
+    code = main(["predict-many", str(first_run["manifest"]), "--out", str(out), "--device", "cpu",
+                 "--scheduler", address])  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and f"cannot reach the Dask scheduler at {address}" in err
+    assert {name: (out / name).read_text() for name in tables} == tables
+    assert len(read_csv(out / "results.csv")) >= 6
+
+
+def test_the_checksum_of_a_detached_header_covers_the_data_file_it_names_only(tmp_path) -> None:
+    from m3netcore.batch import ManifestRow, input_sha256
+
+    volume, _ = chest(7, 1)
+    image = sitk.GetImageFromArray(volume)
+    sitk.WriteImage(image, str(tmp_path / "scan.mhd"))  # scan.mhd naming scan.raw
+    (tmp_path / "scan.csv").write_text("x,y,z\n0,0,0\n")
+    row = ManifestRow(name="scan", image_text="scan.mhd", image=tmp_path / "scan.mhd", points=tmp_path / "scan.csv",
+                      series_uid=None)  # fmt: skip
+    first = input_sha256(row)
+    (tmp_path / "scan.notes").write_text("a file beside it that the header does not name")
+    assert input_sha256(row) == first
+    data = bytearray((tmp_path / "scan.raw").read_bytes())
+    data[0] ^= 1
+    (tmp_path / "scan.raw").write_bytes(bytes(data))
+    assert input_sha256(row) != first

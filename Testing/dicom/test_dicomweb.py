@@ -7,6 +7,7 @@ Lua filter that refuses SR objects of one patient (so a refused store is a real 
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -182,3 +183,44 @@ def test_credentials_come_from_a_file_never_from_the_url(orthanc, tmp_path, caps
     assert _predict(with_password, ct.study, tmp_path / "other") == 2
     err = capsys.readouterr().err
     assert "never on the command line" in err and PASSWORD not in err
+
+
+def test_predict_many_reads_dicomweb_studies_beside_files_and_skips_them_on_a_rerun(orthanc, credentials, tmp_path,
+                                                                                   capsys):  # fmt: skip
+    """A manifest of a study URL and a local DICOM folder; the rerun finds the study done without its series."""
+    from m3netcore.batch import CT_FOLDER, ct_folder_name
+
+    ct = _upload_ct(orthanc, tmp_path / "ct")
+    local = _upload_ct(orthanc, tmp_path / "local")
+    (tmp_path / "points.csv").write_text("x,y,z\n" + "".join(f"{x},{y},{z}\n" for x, y, z in NODULES_LPS.values()))
+    study_url = f"{orthanc}/studies/{ct.study}"
+    (tmp_path / "manifest.csv").write_text(f"image,points\n{study_url},points.csv\nlocal,points.csv\n")
+    out = tmp_path / "many"
+    argv = ["predict-many", str(tmp_path / "manifest.csv"), "--out", str(out), "--device", "cpu", "--workers", "1"]
+
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "2 done, 0 finished before, 0 failed; 4 nodules" in capsys.readouterr().out
+    assert _predict(orthanc, ct.study, tmp_path / "single") == 0
+    capsys.readouterr()
+    folder = out / CT_FOLDER / ct_folder_name(study_url, None)
+    ours, theirs = (json.loads((f / "results.json").read_text()) for f in (folder, tmp_path / "single"))
+    assert ours["provenance"]["input"] == theirs["provenance"]["input"]
+    assert ours["provenance"]["input"]["dicomweb"] == orthanc and "path" not in ours["provenance"]["input"]
+    assert [n["probability"] for n in ours["nodules"]] == pytest.approx([n["probability"] for n in theirs["nodules"]],
+                                                                         abs=1e-6)  # fmt: skip
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted({row["image"] for row in rows}) == sorted([study_url, "local"])
+    assert {row["series_instance_uid"] for row in rows} == {ct.series, local.series}
+
+    requests.delete(f"{orthanc.removesuffix('/dicom-web')}/studies/{_orthanc_id(orthanc, ct.study)}",
+                    auth=(USER, PASSWORD), timeout=10).raise_for_status()  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err  # the study is gone: it is not fetched to be checked
+    assert "0 done, 2 finished before, 0 failed; 4 nodules" in capsys.readouterr().out
+
+
+def _orthanc_id(url: str, study: str) -> str:
+    found = requests.post(f"{url.removesuffix('/dicom-web')}/tools/lookup", data=study, auth=(USER, PASSWORD),
+                          timeout=10)  # fmt: skip
+    found.raise_for_status()
+    return next(item["ID"] for item in found.json() if item["Type"] == "Study")

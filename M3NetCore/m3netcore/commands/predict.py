@@ -208,7 +208,8 @@ def _add_predict_many_command(commands) -> None:
         "predict-many", help="predict every CT of a manifest, resumably, on all local cores or a Dask cluster"
     )
     many.add_argument("manifest", metavar="MANIFEST",
-                      help="CSV with columns image, points[, series_uid]; paths relative to its folder")  # fmt: skip
+                      help="CSV with columns image, points[, series_uid]; image: a file, a DICOM folder or "
+                           "a DICOMweb study URL; paths relative to its folder")  # fmt: skip
     many.add_argument("--out", required=True, metavar="DIR",
                       help="output folder: cts/<name>/ per CT, results.csv, failures.csv")  # fmt: skip
     many.add_argument("--model", default="demo", metavar="NAME|PATH", help="bundled model name or model file")
@@ -221,6 +222,9 @@ def _add_predict_many_command(commands) -> None:
     where.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per CPU core)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="use the workers of an existing Dask scheduler, e.g. tcp://10.1.2.3:8786")  # fmt: skip
+    many.add_argument("--read-ahead", type=int, default=1, metavar="N",
+                      help="CTs each local worker reads while its network runs; their nodules share forward passes "
+                           "(default 1; more for a GPU)")  # fmt: skip
     many.set_defaults(run=_run_predict_many)
 
 
@@ -230,7 +234,7 @@ def _run_predict_many(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     summary = run_batch(args.manifest, args.out, model=args.model, device=args.device, coords=args.coords.upper(),
                         explain=not args.no_explain, workers=args.workers, scheduler=args.scheduler,
-                        report=lambda line: print(line, flush=True))  # fmt: skip
+                        read_ahead=args.read_ahead, report=lambda line: print(line, flush=True))  # fmt: skip
     print(f"{summary.done} done, {summary.skipped} finished before, {summary.failed} failed; {summary.nodules} "
           f"nodules in {args.out}/{RESULTS_CSV} ({summary.seconds:.1f} s)")  # fmt: skip
     if summary.failed:

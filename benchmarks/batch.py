@@ -4,9 +4,13 @@ Generates COUNT chest CTs (every other one a DICOM series, the rest NRRD; 1-3 no
 each), then times, on the same files:
 
 - a plain loop: one ``m3net predict`` process per CT (start-up and model load every time);
-- ``m3net predict-many --workers 1`` and ``--workers 2`` (their own LocalCluster);
-- ``m3net predict-many --scheduler`` on a 2-worker ``distributed.LocalCluster`` started
-  beforehand (a cluster's case: its start-up is not counted);
+- ``m3net predict-many --workers 1`` and ``--workers 2`` (their own LocalCluster), each
+  with ``--read-ahead 0`` (one CT at a time per worker) and the default ``--read-ahead 1``
+  (the next CT read while the network runs);
+- ``m3net predict-many --scheduler`` on a 2-worker ``distributed.LocalCluster`` of two
+  threads per worker started beforehand (a cluster's case: its start-up is not counted),
+  once with fresh workers and once more into a new folder with the workers warm (model
+  loaded, imports done): the steady state of a long run;
 - reading every CT once in one process (``m3netcore.read_image``), the floor a batch
   cannot go below; the table ends with predict-many's wall time over this reading time.
 
@@ -70,17 +74,19 @@ def run(work: Path, count: int, size: int) -> None:
                         "--out", str(work / "loop" / str(n))], check=True, capture_output=True)
         for n, (image, points) in enumerate(rows)])  # fmt: skip
     for workers in (1, 2):
-        timings[f"predict-many --workers {workers}"] = timed(lambda w=workers: predict_many(
-            manifest, work / f"many-{w}", "--workers", str(w)))  # fmt: skip
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        for ahead in (0, 1):
+            timings[f"predict-many --workers {workers} --read-ahead {ahead}"] = timed(lambda w=workers, a=ahead: (
+                predict_many(manifest, work / f"many-{w}-{a}", "--workers", str(w), "--read-ahead", str(a))))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:  # fmt: skip
-        timings["predict-many --scheduler (2-worker LocalCluster)"] = timed(
-            lambda: predict_many(manifest, work / "many-cluster", "--scheduler", cluster.scheduler_address))
+        for run in ("fresh workers", "warm workers"):
+            timings[f"predict-many --scheduler (LocalCluster 2x2, {run})"] = timed(lambda r=run: predict_many(
+                manifest, work / f"many-cluster-{r.split()[0]}", "--scheduler", cluster.scheduler_address))
 
     reading = timings["read every CT once (one process)"]
-    print(f"\n{'how':52s} {'wall s':>8s} {'scans/min':>10s} {'x reading':>10s}")
+    print(f"\n{'how':60s} {'wall s':>8s} {'scans/min':>10s} {'x reading':>10s}")
     for how, seconds in timings.items():
-        print(f"{how:52s} {seconds:8.1f} {count / seconds * 60:10.1f} {seconds / reading:10.2f}")
+        print(f"{how:60s} {seconds:8.1f} {count / seconds * 60:10.1f} {seconds / reading:10.2f}")
     print(f"\nCPU cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
           "predict-many times include starting Python, its workers and the model in each")  # fmt: skip
 

@@ -26,6 +26,7 @@ import torch
 from m3netcore.checkpoint import load_model
 from m3netcore.data.baselines import reference_scores
 from m3netcore.data.cache import open_cache
+from m3netcore.errors import M3NetInputError
 from m3netcore.evaluation.comparison import paired_by_nodule
 from m3netcore.evaluation.cv import DIAMETER_ROW, _run_config_of, finished_seeds, seed_run_folder
 from m3netcore.evaluation.pooling import average_logits, fit_recalibration
@@ -71,16 +72,19 @@ def main() -> None:
         fold_auc = {how: roc_auc(np.array([pooled[how][n] for n in ids]), np.array([labels[n] for n in ids]))
                     for how in pooled}  # fmt: skip
         print(f"fold {fold}: plain {fold_auc['plain']:.3f}, TTA {fold_auc['tta']:.3f} ({len(seeds)} seeds)", flush=True)
-    diameter = {str(k): v for k, v in reference_scores(cache.rows, protocol, DIAMETER_ROW).items()}
+    try:
+        diameter = {str(k): v for k, v in reference_scores(cache.rows, protocol, DIAMETER_ROW).items()}
+    except M3NetInputError:  # a cache without diameters
+        diameter = None
     ids = sorted(labels)
     print(f"\n{args.cv}, protocol {protocol}, {len(ids)} nodules, {len(folds)} folds x {len(seeds)} seeds, "
           f"{time.perf_counter() - start:.0f} s\n")  # fmt: skip
     print("| scoring | pooled AUC | vs diameter only (95% CI) | vs plain (95% CI) |\n| --- | ---: | --- | --- |")
     for how, name in (("plain", "as trained (one view)"), ("tta", "mean logit over the 16 symmetries")):
         auc = roc_auc(np.array([pooled[how][n] for n in ids]), np.array([labels[n] for n in ids]))
-        versus = paired_by_nodule(pooled[how], diameter, labels, patients)
+        versus = paired_by_nodule(pooled[how], diameter, labels, patients) if diameter else None
         plain = paired_by_nodule(pooled[how], pooled["plain"], labels, patients) if how == "tta" else None
-        print(f"| {name} | {auc:.3f} | {interval(versus)} | {interval(plain) if plain else ''} |")
+        print(f"| {name} | {auc:.3f} | {interval(versus)} | {interval(plain)} |")
 
 
 def scores(model, source: ViewSource, indices: np.ndarray, tta: bool, batch: int = 128) -> np.ndarray:
@@ -101,7 +105,9 @@ def transformed(view: torch.Tensor, symmetry: tuple[bool, bool, bool, bool]) -> 
     return view.transpose(3, 4) if symmetry[3] else view
 
 
-def interval(result: dict) -> str:
+def interval(result: dict | None) -> str:
+    if result is None:
+        return ""
     low, high = result["ci"]
     star = " *" if result["excludes_zero"] else ""
     return f"{result['difference']:+.3f} ({low:+.3f} to {high:+.3f}){star}"

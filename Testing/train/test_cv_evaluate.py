@@ -331,3 +331,19 @@ def test_evaluate_takes_a_bundled_model_by_name(two_fold_cache, tmp_path, capsys
     assert report["model"] == "demo" and report["fold"] == 1 and report["metrics"]["nodules"] == 20
     assert main(["evaluate", "no-such-model", "--data", str(two_fold_cache), "--out", str(out)]) == 2
     assert "no run folder, model file or bundled model no-such-model" in capsys.readouterr().err
+
+
+def test_the_tta_benchmark_pools_as_cv_does(cv_folder, two_fold_cache):
+    """benchmarks/tta.py's plain row is the cv folder's own pooled AUC, so its TTA row is compared like for like."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "tta.py"
+    done = subprocess.run([sys.executable, str(script), "--cv", str(cv_folder), "--data", str(two_fold_cache)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| scoring")}  # fmt: skip
+    summary = json.loads((cv_folder / "summary.json").read_text())
+    assert rows["as trained (one view)"] == f"{summary['metrics']['auc']['value']:.3f}"
+    assert 0.0 <= float(rows["mean logit over the 16 symmetries"]) <= 1.0

@@ -10,7 +10,7 @@ each), then times, on the same files:
 - ``m3net predict-many --scheduler`` on a 2-worker ``distributed.LocalCluster`` of two
   threads per worker started beforehand (a cluster's case: its start-up is not counted),
   once with fresh workers and once more into a new folder with the workers warm (model
-  loaded, imports done): the steady state of a long run;
+  loaded, imports done): the steady state of a long run; and warm again with ``--no-explain``;
 - reading every CT once in one process (``m3netcore.read_image``), the floor a batch
   cannot go below; the table ends with predict-many's wall time over this reading time.
 
@@ -82,6 +82,8 @@ def run(work: Path, count: int, size: int) -> None:
         for run in ("fresh workers", "warm workers"):
             timings[f"predict-many --scheduler (LocalCluster 2x2, {run})"] = timed(lambda r=run: predict_many(
                 manifest, work / f"many-cluster-{r.split()[0]}", "--scheduler", cluster.scheduler_address))
+        timings["the same, warm workers, --no-explain (no heatmaps)"] = timed(lambda: predict_many(
+            manifest, work / "many-cluster-no-explain", "--scheduler", cluster.scheduler_address, "--no-explain"))
 
     reading = timings["read every CT once (one process)"]
     print(f"\n{'how':60s} {'wall s':>8s} {'scans/min':>10s} {'x reading':>10s}")

@@ -11,6 +11,8 @@ each), then times, on the same files:
   threads per worker started beforehand (a cluster's case: its start-up is not counted),
   once with fresh workers and once more into a new folder with the workers warm (model
   loaded, imports done): the steady state of a long run; and warm again with ``--no-explain``;
+- the command's own start-up (a 1-CT manifest on the warm workers), which gives the time
+  per CT after start-up, the steady state of a run of thousands of CTs;
 - reading every CT once in one process (``m3netcore.read_image``), the floor a batch
   cannot go below; the table ends with predict-many's wall time over this reading time.
 
@@ -84,12 +86,19 @@ def run(work: Path, count: int, size: int) -> None:
                 manifest, work / f"many-cluster-{r.split()[0]}", "--scheduler", cluster.scheduler_address))
         timings["the same, warm workers, --no-explain (no heatmaps)"] = timed(lambda: predict_many(
             manifest, work / "many-cluster-no-explain", "--scheduler", cluster.scheduler_address, "--no-explain"))
+        one = data / "one.csv"
+        one.write_text("image,points\n" + f"{rows[0][0]},{rows[0][1]}\n")
+        start_up = timed(lambda: predict_many(one, work / "many-one", "--scheduler", cluster.scheduler_address))
 
     reading = timings["read every CT once (one process)"]
     print(f"\n{'how':60s} {'wall s':>8s} {'scans/min':>10s} {'x reading':>10s}")
     for how, seconds in timings.items():
         print(f"{how:60s} {seconds:8.1f} {count / seconds * 60:10.1f} {seconds / reading:10.2f}")
-    print(f"\nCPU cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
+    warm = timings["predict-many --scheduler (LocalCluster 2x2, warm workers)"]
+    print(f"\nthe command's own start (1 CT, warm workers): {start_up:.1f} s; after it, predict-many takes "
+          f"{(warm - start_up) / (count - 1):.3f} s a CT against {reading / count:.3f} s to read one: "
+          f"{(warm - start_up) / (count - 1) / (reading / count):.2f}x reading")  # fmt: skip
+    print(f"CPU cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
           "predict-many times include starting Python, its workers and the model in each")  # fmt: skip
 
 

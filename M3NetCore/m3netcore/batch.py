@@ -261,10 +261,10 @@ def run_batch(
     local_cpus, gpus = _usable_cpus(), 0
     if scheduler is None:
         target = resolve_device(device)
-        if target.type == "cuda" and target.index is None:
+        if target.type == "cuda":  # one worker per GPU it may use: "cuda" all of them, "cuda:N" that one
             import torch
 
-            gpus = torch.cuda.device_count()
+            gpus = torch.cuda.device_count() if target.index is None else 1
     if scheduler is None and workers is None:
         workers = gpus or local_cpus
     options = BatchOptions(out=Path(out).resolve(), model=model, device=device, coords=coords, explain=explain,

@@ -58,11 +58,21 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sit
             no CT has, several DICOM series and none chosen, missing slices, slices of
             several orientations, axes too far from perpendicular.
     """
+    return read_image_and_files(path, series_uid=series_uid)[0]
+
+
+def read_image_and_files(path: str | os.PathLike, *, series_uid: str | None = None) -> tuple[sitk.Image, list[str]]:
+    """:func:`read_image`, and the files the image was read from (a DICOM series' files in order, or the file).
+
+    For callers that go on to describe the series (:func:`m3netcore.provenance.provenance`
+    takes ``dicom_files``), so that a folder is not scanned twice.
+    """
     path = Path(path)
     if not path.exists():
         raise M3NetInputError(f"no such file or folder: {path}")
+    files = [str(path)]
     if path.is_dir():
-        image = _read_dicom_series(path, series_uid)
+        image, files = _read_dicom_series(path, series_uid)
     else:
         if series_uid is not None:
             raise M3NetInputError("series_uid applies to DICOM folders only")
@@ -76,7 +86,7 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sit
     image = regular_grid(image, source=str(path))
     _warn_if_slab(image, source=str(path))
     warn_if_not_hu(image, source=str(path))
-    return image
+    return image, list(files)
 
 
 def series_uid_of(image: sitk.Image, path: str | os.PathLike | None = None) -> str | None:
@@ -224,7 +234,7 @@ def regular_grid(image: sitk.Image, source: str = "image") -> sitk.Image:
     return resampled
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, list[str]]:
     series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
     if not series_ids:
         raise M3NetInputError(f"no DICOM series found in {folder}")
@@ -245,7 +255,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         except RuntimeError as err:
             raise M3NetInputError(f"cannot read DICOM file {files[0]}: {_first_line(err)}") from err
         image.SetMetaData(SERIES_UID_TAG, series_uid)
-        return image
+        return image, list(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -255,7 +265,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise M3NetInputError(f"cannot read DICOM series {series_uid} in {folder}: {_first_line(err)}") from err
     _check_slice_positions(reader, len(files), image, folder)
     image.SetMetaData(SERIES_UID_TAG, series_uid)
-    return image
+    return image, list(files)
 
 
 def _check_slice_positions(reader: sitk.ImageSeriesReader, count: int, image: sitk.Image, folder: Path) -> None:

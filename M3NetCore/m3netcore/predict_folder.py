@@ -88,7 +88,7 @@ def predict_to_folder(
         M3NetInputError: unreadable CT or points file, no points, a point outside the CT, a
             folder held by another run.
     """
-    from m3netcore.io import read_image
+    from m3netcore.io import read_image_and_files
     from m3netcore.outputs import OutputFolder
     from m3netcore.points import points_for_image, read_points, unique_labels
     from m3netcore.predict import iter_predict, resolve_device
@@ -101,7 +101,7 @@ def predict_to_folder(
         raise M3NetInputError(f"no points for {image_path}: give a points file or points")
     folder = OutputFolder(out_dir)
     with folder as staging:  # a second run into the folder is refused here, before any work
-        image = read_image(image_path, series_uid=series_uid if image_path.is_dir() else None)
+        image, files = read_image_and_files(image_path, series_uid=series_uid if image_path.is_dir() else None)
         if points_file is not None:
             if series_uid is not None and not image_path.is_dir():
                 points += read_points(points_file, coords=coords, series_uid=series_uid)
@@ -110,7 +110,7 @@ def predict_to_folder(
         labels = unique_labels(p.label for p in points)
         ran_on = batcher.device if batcher is not None else resolve_device(device)
         record = provenance(image, image_path, model, str(ran_on), model_source=model_source,
-                            known_sha256=known_sha256)  # fmt: skip
+                            known_sha256=known_sha256, dicom_files=files if image_path.is_dir() else None)  # fmt: skip
         if dicomweb:
             record["input"].pop("path", None)
             record["input"]["dicomweb"] = dicomweb

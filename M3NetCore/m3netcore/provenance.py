@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -68,6 +68,7 @@ def provenance(
     model_source: str | os.PathLike | None = None,
     time: datetime.datetime | None = None,
     known_sha256: Mapping[str, str] | None = None,
+    dicom_files: Sequence[str] | None = None,
 ) -> dict:
     """The provenance record of one prediction run (JSON-ready).
 
@@ -85,6 +86,8 @@ def provenance(
         known_sha256: ``{absolute path: SHA-256}`` of files the caller hashed already (a batch
             worker hashes each CT's files for its own record and its model file once), so
             they are not read again.
+        dicom_files: the files of the series the image was read from
+            (:func:`m3netcore.io.read_image_and_files`), so the folder is not scanned again.
 
     Returns:
         ``{"time", "software": {"name", "version"}, "device", "model": {...},
@@ -96,7 +99,7 @@ def provenance(
         "software": {"name": "m3net-core", "version": software_version()},
         "device": str(device),
         "model": model_provenance(model, model_source, known_sha256=known_sha256),
-        "input": input_provenance(image, source_path, known_sha256=known_sha256),
+        "input": input_provenance(image, source_path, known_sha256=known_sha256, dicom_files=dicom_files),
     }
 
 
@@ -117,10 +120,11 @@ def model_provenance(model: Model, model_source: str | os.PathLike | None = None
 
 
 def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None, *,
-                     known_sha256: Mapping[str, str] | None = None) -> dict:  # fmt: skip
+                     known_sha256: Mapping[str, str] | None = None,
+                     dicom_files: Sequence[str] | None = None) -> dict:  # fmt: skip
     """DICOM UIDs and PatientID of a series (a folder, or one of its files), or the checksum of an image file.
 
-    ``known_sha256``: as for :func:`provenance`.
+    ``known_sha256``, ``dicom_files``: as for :func:`provenance`.
 
     ``source_path=None`` (a volume that was never saved, e.g. made in Slicer): only what the
     image itself says, its SeriesInstanceUID if it has one.
@@ -134,7 +138,10 @@ def input_provenance(image: sitk.Image, source_path: str | os.PathLike | None, *
         series_uid = series_uid_of(image)
         if series_uid is None and path.is_file():  # e.g. a Slicer volume: the file names its series
             series_uid = _header_value(path, "0020|000e")
-        record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid))
+        if dicom_files and path.is_dir():  # the series' files as read: its first file's header
+            record.update(_identifiers_in(dicom_files[0]))
+        else:
+            record.update(dicom_identifiers(path if path.is_dir() else path.parent, series_uid))
         return record
     record = {"kind": "file", "path": str(path), "sha256": _sha256(path, known_sha256)}
     data_file = detached_data_file(path)
@@ -150,7 +157,11 @@ def dicom_identifiers(folder: str | os.PathLike, series_uid: str | None) -> dict
     uid = series_uid if series_uid in ids else (ids[0] if ids else None)
     if uid is None:
         return {}
-    first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
+    return _identifiers_in(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0])
+
+
+def _identifiers_in(first: str) -> dict:
+    """The :data:`DICOM_TAGS` of one DICOM file's header ("" where absent)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(first)
     reader.ReadImageInformation()  # the header only

@@ -115,6 +115,7 @@ def test_a_dicom_file_names_its_own_series_in_a_folder_of_several(tmp_path):
     """A Slicer volume (no UID on the image) from one file of a folder holding two series: that file's series."""
     from dicom_series import write_ct_series
 
+    from m3netcore.io import read_image_and_files
     from m3netcore.provenance import input_provenance
 
     first = write_ct_series(tmp_path / "a", patient_id="FIRST")
@@ -129,3 +130,8 @@ def test_a_dicom_file_names_its_own_series_in_a_folder_of_several(tmp_path):
         record = input_provenance(image, shared / f"{prefix}-IM0003.dcm")
         assert record["series_instance_uid"] == uids.series
         assert record["patient_id"] == uids.patient_id
+    for uids in (first, second):  # the files a read gave name the series without a second scan of the folder
+        image, files = read_image_and_files(shared, series_uid=uids.series)
+        told = input_provenance(image, shared, dicom_files=files)
+        assert told == input_provenance(image, shared)
+        assert told["series_instance_uid"] == uids.series and told["patient_id"] == uids.patient_id

@@ -55,10 +55,12 @@ def add_predict_commands(commands: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     import tempfile
+    from pathlib import Path
 
-    from m3netcore import load_model, read_image
+    from m3netcore import load_model
     from m3netcore.errors import M3NetInputError
     from m3netcore.geometry import to_lps
+    from m3netcore.io import read_image_and_files
     from m3netcore.outputs import OutputFolder
     from m3netcore.points import LabeledPoint, parse_point, points_for_image, unique_labels
     from m3netcore.predict import iter_predict, resolve_device
@@ -84,12 +86,13 @@ def _run_predict(args: argparse.Namespace) -> int:
             image_path = download
         with OutputFolder(args.out) as staging:  # a second run into --out is refused here, before any work
             # LUNA16/LUNA25 files are filtered by the image's series, so the image is read first.
-            image = read_image(image_path, series_uid=series)
+            image, files = read_image_and_files(image_path, series_uid=series)
             if args.points:
                 points += points_for_image(args.points, image, image_path, coords=args.coords)
             model = load_model(args.model)
             labels = unique_labels(p.label for p in points)
-            record = provenance(image, image_path, model, str(resolve_device(args.device)), model_source=args.model)
+            record = provenance(image, image_path, model, str(resolve_device(args.device)), model_source=args.model,
+                                dicom_files=files if Path(image_path).is_dir() else None)  # fmt: skip
             if args.dicomweb:
                 record["input"].pop("path", None)
                 record["input"]["dicomweb"] = args.dicomweb
@@ -112,8 +115,6 @@ def _run_predict(args: argparse.Namespace) -> int:
             written = closed["dicom"]
             print(f"wrote {args.out}/dicom/{written.sr_path.name} and {len(written.map_paths)} Parametric Maps")
             if args.store:
-                from pathlib import Path
-
                 from m3netcore.dicomweb import store_files
 
                 final = [Path(args.out) / "dicom" / path.name for path in written.paths]

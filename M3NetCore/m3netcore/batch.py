@@ -171,22 +171,28 @@ def ct_folder_name(image_text: str, series_uid: str | None) -> str:
     return f"{readable}-{digest}"
 
 
-def input_sha256(row: ManifestRow) -> str:
+def input_sha256(row: ManifestRow, dicomweb_series: tuple[str, int] | None = None) -> str:
     """SHA-256 over the CT's files (a DICOM folder's every file), its points file and its series UID.
 
-    A DICOMweb study stands for itself: its service, study and series UIDs (with the points file).
+    A DICOMweb study is not downloaded for this: it stands for itself by its service, study
+    UID, the series used and that series' instance count (``dicomweb_series``, from
+    :func:`m3netcore.dicomweb.find_ct_series`), so an image added to the series on the server
+    makes the CT run again.
     """
-    return input_digests(row)[0]
+    return input_digests(row, dicomweb_series)[0]
 
 
-def input_digests(row: ManifestRow) -> tuple[str, dict[str, str]]:
+def input_digests(row: ManifestRow, dicomweb_series: tuple[str, int] | None = None) -> tuple[str, dict[str, str]]:
     """:func:`input_sha256` and the SHA-256 of each file behind it, by absolute path (read once per CT)."""
     from m3netcore.checkpoint import file_sha256
 
     files: dict[str, str] = {}
     digest = hashlib.sha256(f"series {row.series_uid or ''}\n".encode())
     if row.dicomweb:
-        digest.update(f"dicomweb {row.dicomweb} study {row.study_uid}\n".encode())
+        if dicomweb_series is None:
+            raise ValueError(f"{row.image_text}: a DICOMweb row needs the series it stands for (find_ct_series)")
+        series, instances = dicomweb_series
+        digest.update(f"dicomweb {row.dicomweb} study {row.study_uid} series {series} {instances}\n".encode())
     else:
         for path in _image_files(row.image):
             name = path.relative_to(row.image).as_posix() if row.image.is_dir() else path.name
@@ -203,13 +209,15 @@ def predict_row(row: ManifestRow, options: BatchOptions) -> RowOutcome:
     outcome with one line; only the death of the process makes Dask run it again.
     """
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:  # told by the coordinator, with the CT's name
-        warnings.simplefilter("always")
-        try:
-            status, error = _predict_unless_finished(row, options), ""
-        except Exception as err:  # noqa: BLE001 - any error of one CT is that CT's failure; the batch goes on
-            status, error = "failed", one_line(err)
-    told = tuple(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    _capture_warnings_per_thread()
+    _TOLD.messages = caught = []  # told by the coordinator, with the CT's name
+    try:
+        status, error = _predict_unless_finished(row, options), ""
+    except Exception as err:  # noqa: BLE001 - any error of one CT is that CT's failure; the batch goes on
+        status, error = "failed", one_line(err)
+    finally:
+        _TOLD.messages = None
+    told = tuple(dict.fromkeys(" ".join(message.split()) for message in caught))
     return RowOutcome(row.name, status, error=error, seconds=time.perf_counter() - start, warnings=told)
 
 
@@ -307,9 +315,35 @@ def model_for_workers(model: str) -> str:
 
 # --- private ---------------------------------------------------------------------------------
 
-_MODELS: dict[tuple[str, str], tuple[object, str, dict]] = {}  # per worker process: loaded once, kept
-_BATCHERS: dict[tuple[str, str, bool], object] = {}  # per worker process: one network thread per model
+# per worker process: each model loaded once and kept, with its one network thread (a model with
+# heatmaps and one without are two models: Grad-CAM's hooks must not meet a plain forward pass)
+_MODELS: dict[tuple[str, str, bool], tuple[object, str, dict]] = {}
+_BATCHERS: dict[tuple[str, str, bool], object] = {}
 _LOADING = threading.Lock()
+_TOLD = threading.local()  # the warnings of the CT this task thread predicts
+_CAPTURING = []  # [True] once this process sends warnings to _TOLD
+
+
+def _capture_warnings_per_thread() -> None:
+    """Route this process's warnings to the list of the task thread that gave them.
+
+    ``warnings.catch_warnings`` swaps process-wide state, so with two task threads a
+    warning of one CT would be told as the other's; a thread-local list keeps them apart.
+    """
+    with _LOADING:
+        if _CAPTURING:
+            return
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            messages = getattr(_TOLD, "messages", None)
+            if messages is None:
+                return original(message, category, filename, lineno, file, line)
+            messages.append(str(message))
+
+        warnings.showwarning = show
+        warnings.simplefilter("always")  # every CT's warning, not the first of each place only
+        _CAPTURING.append(True)
 
 
 def _collect(rows: list[ManifestRow], options: BatchOptions, client, summary: BatchSummary,
@@ -357,7 +391,7 @@ def _collect(rows: list[ManifestRow], options: BatchOptions, client, summary: Ba
 
 def _worker_model(options: BatchOptions):
     """``(model, its SHA-256, {its file: SHA-256})`` of this worker process, loaded on first use."""
-    key = (options.model, options.device)
+    key = (options.model, options.device, options.explain)
     with _LOADING:
         if key not in _MODELS:
             from m3netcore.checkpoint import load_model
@@ -400,45 +434,52 @@ def _worker_device(options: BatchOptions) -> str:
 def _predict_unless_finished(row: ManifestRow, options: BatchOptions) -> str:
     """``"skipped"`` or ``"done"``; waits for a folder another task still writes (a task left running by an
     interrupted run on a cluster, or a task Dask started twice), then looks again whether it is finished."""
+    import tempfile
+
     from m3netcore.outputs import OutputFolderBusy
 
     folder = options.out / CT_FOLDER / row.name
     model, model_sha256, model_files = _worker_model(options)
     batcher = _worker_batcher(options, model)
-    digest, files = input_digests(row)
+    client = found = None
+    if row.dicomweb:
+        from m3netcore.dicomweb import connect, find_ct_series
+
+        client = connect(row.dicomweb)
+        found = find_ct_series(client, row.study_uid, row.series_uid)
+    digest, files = input_digests(row, found)
     record = {"format": RECORD_FORMAT, "image": row.image_text, "series_uid": row.series_uid,
               "input_sha256": digest, "model_sha256": model_sha256}  # fmt: skip
-    waited_until = time.monotonic() + BUSY_WAIT_S
-    while True:
-        if _finished(folder, record):
-            return "skipped"
-        try:
-            _predict_row_into(folder, row, options, model, batcher, record, files | model_files)
-            return "done"
-        except OutputFolderBusy:
-            if time.monotonic() > waited_until:
-                raise
-            time.sleep(0.5)
-
-
-def _predict_row_into(folder: Path, row: ManifestRow, options: BatchOptions, model, batcher, record: dict,
-                      known_sha256: dict[str, str]) -> None:  # fmt: skip
-    """One CT into its folder, its DICOMweb series downloaded into a temporary folder first."""
-    import tempfile
-
-    from m3netcore.predict_folder import predict_to_folder
-
+    if _finished(folder, record):
+        return "skipped"
     with contextlib.ExitStack() as stack:
         image, series = row.image, row.series_uid
-        if row.dicomweb:
-            from m3netcore.dicomweb import connect, retrieve_ct_series
+        if row.dicomweb:  # downloaded once, whatever the waiting below
+            from m3netcore.dicomweb import retrieve_ct_series
 
             image = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3net-dicomweb-")))
-            series = retrieve_ct_series(connect(row.dicomweb), row.study_uid, row.series_uid, image)
-        predict_to_folder(folder, image, model, points_file=row.points, series_uid=series, coords=options.coords,
-                          explain=options.explain, model_source=options.model, batcher=batcher,
-                          dicomweb=row.dicomweb, known_sha256=known_sha256,
-                          extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
+            series = retrieve_ct_series(client, row.study_uid, found[0], image)
+        waited_until = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                _predict_into(folder, image, series, row, options, model, batcher, record, files | model_files)
+                return "done"
+            except OutputFolderBusy:
+                if time.monotonic() > waited_until:
+                    raise
+                time.sleep(0.5)
+            if _finished(folder, record):
+                return "skipped"
+
+
+def _predict_into(folder: Path, image: Path, series: str | None, row: ManifestRow, options: BatchOptions, model,
+                  batcher, record: dict, known_sha256: dict[str, str]) -> None:  # fmt: skip
+    from m3netcore.predict_folder import predict_to_folder
+
+    predict_to_folder(folder, image, model, points_file=row.points, series_uid=series, coords=options.coords,
+                      explain=options.explain, model_source=options.model, batcher=batcher, dicomweb=row.dicomweb,
+                      known_sha256=known_sha256,
+                      extra_files={DONE_RECORD: json.dumps(record, indent=2) + "\n"})  # fmt: skip
 
 
 def _finished(folder: Path, record: dict) -> bool:
@@ -529,7 +570,11 @@ def _image_files(image: Path) -> list[Path]:
     if not image.exists():
         raise M3NetInputError(f"no such file or folder: {image}")
     data = detached_data_file(image)
-    return [image] if data is None else [image, data]
+    if data is not None:
+        return [image, data]
+    if image.suffix.lower() in (".mhd", ".nhdr"):  # a header whose data it does not name plainly (LIST, %d):
+        return [image, *sorted(p for p in image.parent.glob(f"{image.stem}.*") if p != image and p.is_file())]
+    return [image]
 
 
 _DICOMWEB_STUDY = re.compile(r"^(?P<service>https?://.+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")

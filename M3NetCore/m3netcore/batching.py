@@ -25,7 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,7 @@ class NoduleBatcher:
         device: "auto", "cpu", "cuda" or "cuda:N".
         explain: compute the Grad-CAM heatmaps.
         max_nodules: nodules gathered into one forward pass (default 16 on a CPU, 64 on a GPU);
-            a single CT's chunk is never split, so a pass may hold a little more.
+            a request (one CT's chunk of up to 16) is never split, so a pass may hold up to 15 more.
     """
 
     def __init__(self, model: Model, *, device: str | torch.device = "auto", explain: bool = True,
@@ -66,6 +66,8 @@ class NoduleBatcher:
         self.largest_pass = 0  # most CTs' requests in one pass
         self.failed_shared_passes = 0  # passes of several CTs that failed, whose CTs were then run alone
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="m3net-network", daemon=True)
         self._thread.start()
 
@@ -86,15 +88,20 @@ class NoduleBatcher:
 
     def submit(self, crops: dict[str, np.ndarray], points_lps: Sequence[Sequence[float]]) -> Future:
         """Hand crops to the network thread; the future gives their results."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the batcher is closed")
         answer: Future = Future()
-        self._requests.put(_Request(crops, [tuple(map(float, p)) for p in points_lps], answer))
+        with self._closing:  # a request is never queued behind the end
+            if self._closed or not self._thread.is_alive():
+                raise RuntimeError("the batcher is closed")
+            self._requests.put(_Request(crops, [tuple(map(float, p)) for p in points_lps], answer))
         return answer
 
     def close(self) -> None:
         """Stop the network thread once the requests handed in before are answered."""
-        self._requests.put(None)
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._requests.put(None)
         self._thread.join()
 
     # --- private ---------------------------------------------------------------------------
@@ -110,24 +117,41 @@ class NoduleBatcher:
             pending = following
 
     def _serve(self) -> None:
-        while True:
-            first = self._requests.get()
-            if first is None:
-                return
-            group, count, closing = [first], len(first.points), False
-            while count < self.max_nodules:
+        group: list[_Request] = []
+        try:
+            while True:
+                first = self._requests.get()
+                if first is None:
+                    return
+                group, count, closing = [first], len(first.points), False
+                while count < self.max_nodules:
+                    try:
+                        more = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        closing = True
+                        break
+                    group.append(more)
+                    count += len(more.points)
+                self._answer(group)
+                group = []
+                if closing:
+                    return
+        except BaseException as err:  # noqa: BLE001 - no thread may wait for an answer that will not come
+            with self._closing:
+                self._closed = True
+            left = [*group]
+            while True:
                 try:
-                    more = self._requests.get_nowait()
+                    request = self._requests.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    closing = True
-                    break
-                group.append(more)
-                count += len(more.points)
-            self._answer(group)
-            if closing:
-                return
+                if request is not None:
+                    left.append(request)
+            for request in left:
+                _settle(request.answer, error=RuntimeError(f"the network thread stopped: {err!r}"))
+            raise
 
     def _answer(self, group: list[_Request]) -> None:
         try:
@@ -138,7 +162,7 @@ class NoduleBatcher:
                                   explain=self.explain, device=self.device)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - handed to the thread that asked
             if len(group) == 1:
-                group[0].answer.set_exception(err)
+                _settle(group[0].answer, error=err)
             else:  # whose error it is: each request alone
                 self.failed_shared_passes += 1
                 for request in group:
@@ -148,8 +172,21 @@ class NoduleBatcher:
         self.largest_pass = max(self.largest_pass, len(group))
         start = 0
         for request in group:
-            request.answer.set_result(results[start : start + len(request.points)])
+            _settle(request.answer, result=results[start : start + len(request.points)])
             start += len(request.points)
+
+
+def _settle(answer: Future, *, result=None, error: BaseException | None = None) -> None:
+    """Answer a request unless it was answered or cancelled already."""
+    if answer.done():
+        return
+    try:
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+    except InvalidStateError:  # cancelled between the look and the answer
+        pass
 
 
 __all__ = ["GPU_BATCH", "NoduleBatcher"]

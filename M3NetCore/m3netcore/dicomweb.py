@@ -109,14 +109,14 @@ def credentials(environ: dict | None = None) -> dict:
     raise DicomwebError(f"{CREDENTIALS_FILE_ENV}={path}: expected {{\"token\"}} or {{\"username\", \"password\"}}")
 
 
-def retrieve_ct_series(client, study_uid: str, series_uid: str | None, folder: str | os.PathLike) -> str:
-    """Download one CT series of ``study_uid`` into ``folder`` (one file per instance); returns its UID.
+def find_ct_series(client, study_uid: str, series_uid: str | None) -> tuple[str, int]:
+    """The CT series of ``study_uid`` that :func:`retrieve_ct_series` would download, and its instance count.
 
-    Without ``series_uid`` the study must hold exactly one CT series.
+    One QIDO-RS search, nothing downloaded: what a batch run records of a series to know
+    on a rerun whether it changed (an image added to the series changes the count).
 
     Raises:
-        DicomwebError: server down, credentials refused, no such study or series, several
-            CT series and none chosen, a series without CT images.
+        DicomwebError: as :func:`retrieve_ct_series`, before any download.
     """
     url = client.m3net_url
     found = _call(lambda: client.search_for_series(study_uid, fields=["Modality", "NumberOfSeriesRelatedInstances"]),
@@ -129,11 +129,30 @@ def retrieve_ct_series(client, study_uid: str, series_uid: str | None, folder: s
         if not ct_series:
             raise DicomwebError(f"study {study_uid} on {url} has no CT series (found: {_listing(series)})")
         if len(ct_series) > 1:
-            raise DicomwebError(f"study {study_uid} on {url} has {len(ct_series)} CT series; choose one with "
-                                f"--series: {', '.join(ct_series)}")  # fmt: skip
+            raise DicomwebError(f"study {study_uid} on {url} has {len(ct_series)} CT series; choose one (--series, "
+                                f"or a manifest's series_uid): {', '.join(ct_series)}")  # fmt: skip
         series_uid = ct_series[0]
     elif series_uid not in series:
         raise DicomwebError(f"study {study_uid} on {url} has no series {series_uid} (found: {_listing(series)})")
+    counts = {_value(item, "0020000E"): _value(item, "00201209") for item in found}
+    try:
+        instances = int(counts.get(series_uid) or -1)
+    except ValueError:
+        instances = -1  # the server did not say: the series is then known by its UIDs alone
+    return series_uid, instances
+
+
+def retrieve_ct_series(client, study_uid: str, series_uid: str | None, folder: str | os.PathLike) -> str:
+    """Download one CT series of ``study_uid`` into ``folder`` (one file per instance); returns its UID.
+
+    Without ``series_uid`` the study must hold exactly one CT series.
+
+    Raises:
+        DicomwebError: server down, credentials refused, no such study or series, several
+            CT series and none chosen, a series without CT images.
+    """
+    url = client.m3net_url
+    series_uid, _ = find_ct_series(client, study_uid, series_uid)
     datasets = _call(lambda: client.retrieve_series(study_uid, series_uid), url, f"series {series_uid}")
     images = [ds for ds in datasets if ds.get("SOPClassUID") in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)]
     if not images:

@@ -77,9 +77,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise M3NetInputError(f"device {device!r} requested but no CUDA GPU is available")
         try:
-            return torch.device(text)
+            chosen = torch.device(text)
         except RuntimeError as err:  # "cuda:x", "cuda0"
             raise M3NetInputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise M3NetInputError(f"device {device!r} requested but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)")  # fmt: skip
+        return chosen
     raise M3NetInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 

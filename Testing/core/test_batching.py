@@ -12,6 +12,7 @@ from m3netcore import M3NetInputError, load_model, predict
 from m3netcore.batching import NoduleBatcher
 from m3netcore.predict import crop_batch
 
+WAIT_S = 120  # a regression fails the test instead of hanging the suite
 OFFSETS_MM = ((0.0, 0.0, 0.0), (-6.0, 8.0, 7.0), (9.0, -5.0, -4.0), (4.0, 4.0, -9.0))
 
 
@@ -49,7 +50,7 @@ def test_several_threads_get_each_their_own_answers_equal_to_predict(model, cts)
     reference = [predict(model, image, points, device="cpu") for image, points in cts]
     batcher = NoduleBatcher(model, device="cpu")
     answers: dict[int, list] = {}
-    start = threading.Barrier(len(cts))
+    start = threading.Barrier(len(cts), timeout=60)
 
     def work(n: int) -> None:
         image, points = cts[n]
@@ -60,7 +61,7 @@ def test_several_threads_get_each_their_own_answers_equal_to_predict(model, cts)
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=120)
     batcher.close()
 
     for n in range(len(cts)):
@@ -74,8 +75,8 @@ def test_crops_handed_in_while_the_network_runs_share_the_next_forward_pass(mode
     batcher = NoduleBatcher(model, device="cpu")
     first = batcher.submit(busy, points * 8)  # more than a pass holds: it runs alone
     waiting = [batcher.submit(cut, pts) for cut, (_, pts) in zip(crops, cts, strict=True)]
-    answers = [future.result() for future in waiting]
-    first.result()
+    answers = [future.result(timeout=WAIT_S) for future in waiting]
+    first.result(timeout=WAIT_S)
     batcher.close()
 
     assert batcher.passes == 2  # the four CTs in one pass after the first
@@ -95,10 +96,10 @@ def test_a_ct_whose_forward_pass_fails_fails_alone(model, cts) -> None:
     first = batcher.submit(busy, points * 8)
     bad = batcher.submit(broken, points[:1])
     good = batcher.submit(fine, cts[1][1])
-    first.result()
+    first.result(timeout=WAIT_S)
     with pytest.raises(M3NetInputError, match="non-finite"):
-        bad.result()
-    same(good.result(), predict(model, *cts[1], device="cpu"))
+        bad.result(timeout=WAIT_S)
+    same(good.result(timeout=WAIT_S), predict(model, *cts[1], device="cpu"))
     batcher.close()
     assert batcher.failed_shared_passes == 1  # the two shared a pass that failed; each then ran alone
 
@@ -112,3 +113,16 @@ def test_the_checks_of_predict_come_before_any_work(model, cts) -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(crop_batch(image, cts[0][1], model), cts[0][1])
+
+
+def test_a_network_thread_that_dies_answers_every_waiting_request(model, cts) -> None:
+    image, points = cts[0]
+    crops = crop_batch(image, points, model)
+    batcher = NoduleBatcher(model, device="cpu")
+    batcher._answer = None  # the thread's next step fails outside the network: the thread stops
+    waiting = [batcher.submit(crops, points) for _ in range(3)]
+    for future in waiting:
+        with pytest.raises(RuntimeError, match="network thread stopped"):
+            future.result(timeout=WAIT_S)
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(crops, points)

@@ -355,3 +355,23 @@ def test_the_checksum_of_a_detached_header_covers_the_data_file_it_names_only(tm
     data[0] ^= 1
     (tmp_path / "scan.raw").write_bytes(bytes(data))
     assert input_sha256(row) != first
+
+
+def test_each_ct_is_told_its_own_warnings_when_two_are_read_at_once(tmp_path) -> None:
+    rows = []
+    for n in range(4):  # odd CTs are not in HU (0..1, as after normalisation), even ones are
+        volume, centres = chest(30 + n, 1)
+        if n % 2:
+            volume = volume.astype(np.float32) / 4000.0 + 0.25
+        image = sitk.GetImageFromArray(volume)
+        image.SetSpacing((SPACING_MM,) * 3)
+        image.SetOrigin((ORIGIN_MM,) * 3)
+        sitk.WriteImage(image, str(tmp_path / f"w-{n}.nrrd"))
+        (tmp_path / f"w-{n}.csv").write_text("x,y,z\n" + "".join(f"{x},{y},{z}\n" for x, y, z in centres))
+        rows.append((f"w-{n}.nrrd", f"w-{n}.csv"))
+
+    completed = predict_many(write_manifest(tmp_path, rows), tmp_path / "out", "--workers", "1", "--read-ahead", "1")
+
+    assert completed.returncode == 0, completed.stderr
+    told = [line for line in completed.stderr.splitlines() if "Hounsfield" in line]
+    assert sorted(line.split(": ")[2].rsplit("/", 1)[-1] for line in told) == ["w-1.nrrd", "w-3.nrrd"], told

@@ -225,7 +225,7 @@ def _add_predict_many_command(commands) -> None:
                        help="use the workers of an existing Dask scheduler, e.g. tcp://10.1.2.3:8786")  # fmt: skip
     many.add_argument("--read-ahead", type=int, default=1, metavar="N",
                       help="CTs each local worker reads while its network runs; their nodules share forward passes "
-                           "(default 1; more for a GPU)")  # fmt: skip
+                           "(default 1; more for a GPU; with --scheduler the workers' threads decide)")  # fmt: skip
     many.set_defaults(run=_run_predict_many)
 
 

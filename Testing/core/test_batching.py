@@ -115,6 +115,7 @@ def test_the_checks_of_predict_come_before_any_work(model, cts) -> None:
         batcher.submit(crop_batch(image, cts[0][1], model), cts[0][1])
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
 def test_a_network_thread_that_dies_answers_every_waiting_request(model, cts) -> None:
     image, points = cts[0]
     crops = crop_batch(image, points, model)

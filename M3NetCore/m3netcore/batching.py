@@ -65,6 +65,7 @@ class NoduleBatcher:
         self.passes = 0  # forward passes run (the tests read how requests were grouped)
         self.largest_pass = 0  # most CTs' requests in one pass
         self.failed_shared_passes = 0  # passes of several CTs that failed, whose CTs were then run alone
+        self.stopped_by: BaseException | None = None  # what stopped the network thread, if anything did
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._closed = False
         self._closing = threading.Lock()
@@ -149,9 +150,9 @@ class NoduleBatcher:
                     break
                 if request is not None:
                     left.append(request)
+            self.stopped_by = err  # told to every request; the thread then ends quietly
             for request in left:
                 _settle(request.answer, error=RuntimeError(f"the network thread stopped: {err!r}"))
-            raise
 
     def _answer(self, group: list[_Request]) -> None:
         try:

@@ -115,7 +115,6 @@ def test_the_checks_of_predict_come_before_any_work(model, cts) -> None:
         batcher.submit(crop_batch(image, cts[0][1], model), cts[0][1])
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
 def test_a_network_thread_that_dies_answers_every_waiting_request(model, cts) -> None:
     image, points = cts[0]
     crops = crop_batch(image, points, model)
@@ -127,3 +126,4 @@ def test_a_network_thread_that_dies_answers_every_waiting_request(model, cts) ->
             future.result(timeout=WAIT_S)
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(crops, points)
+    assert isinstance(batcher.stopped_by, TypeError)

@@ -23,8 +23,8 @@ a one-line reason). Why it can be stopped and rerun at any moment:
   CT is simply predicted again (Dask reruns the task of a dead worker);
 - ``batch.json`` is written last into that set and holds the SHA-256 of the CT's files and
   points file and of the model, so a rerun skips a CT whose record matches (a DICOMweb
-  series is not downloaded again to be checked: its service, study and series UIDs stand
-  for its content, as DICOM means UIDs to);
+  series is not downloaded again to be checked: one search gives its series UID and
+  image count, which stand for it with the service and study UID);
 - ``results.csv`` and ``failures.csv`` are written only by the coordinating process, one
   CT at a time as its task ends, from the CT folder's committed results.csv; each CT is
   appended once per run, so a task that ran twice never gives duplicate rows.

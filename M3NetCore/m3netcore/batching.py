@@ -83,12 +83,9 @@ class NoduleBatcher:
         points_lps = checked_points(self.model, image, points, coords=coords, explain=self.explain)
         return self._results(image, points_lps, chunk_size)
 
-    def run(self, crops: dict[str, np.ndarray], points_lps: Sequence[Sequence[float]]) -> list[NoduleResult]:
-        """The results for stacked crops (:func:`m3netcore.predict.crop_batch`), waiting for the network thread."""
-        return self.submit(crops, points_lps).result()
-
     def submit(self, crops: dict[str, np.ndarray], points_lps: Sequence[Sequence[float]]) -> Future:
-        """Hand crops to the network thread; the future gives their results."""
+        """Hand stacked crops (:func:`m3netcore.predict.crop_batch`) to the network thread; the future gives
+        their results, one per point."""
         answer: Future = Future()
         with self._closing:  # a request is never queued behind the end
             if self._closed or not self._thread.is_alive():

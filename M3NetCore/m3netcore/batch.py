@@ -455,10 +455,11 @@ def _predict_unless_finished(row: ManifestRow, options: BatchOptions) -> str:
     with contextlib.ExitStack() as stack:
         image, series = row.image, row.series_uid
         if row.dicomweb:  # downloaded once, whatever the waiting below
-            from m3netcore.dicomweb import retrieve_ct_series
+            from m3netcore.dicomweb import download_ct_series
 
             image = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3net-dicomweb-")))
-            series = retrieve_ct_series(client, row.study_uid, found[0], image)
+            series = found[0]  # found above: no second search
+            download_ct_series(client, row.study_uid, series, image)
         waited_until = time.monotonic() + BUSY_WAIT_S
         while True:
             try:

@@ -151,8 +151,18 @@ def retrieve_ct_series(client, study_uid: str, series_uid: str | None, folder: s
         DicomwebError: server down, credentials refused, no such study or series, several
             CT series and none chosen, a series without CT images.
     """
-    url = client.m3net_url
     series_uid, _ = find_ct_series(client, study_uid, series_uid)
+    download_ct_series(client, study_uid, series_uid, folder)
+    return series_uid
+
+
+def download_ct_series(client, study_uid: str, series_uid: str, folder: str | os.PathLike) -> None:
+    """Download the CT images of a series already found (:func:`find_ct_series`) into ``folder``.
+
+    Raises:
+        DicomwebError: server down, credentials refused, a series without CT images.
+    """
+    url = client.m3net_url
     datasets = _call(lambda: client.retrieve_series(study_uid, series_uid), url, f"series {series_uid}")
     images = [ds for ds in datasets if ds.get("SOPClassUID") in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)]
     if not images:
@@ -161,7 +171,6 @@ def retrieve_ct_series(client, study_uid: str, series_uid: str | None, folder: s
     out.mkdir(parents=True, exist_ok=True)
     for number, dataset in enumerate(images, start=1):
         dataset.save_as(out / f"CT{number:05d}.dcm", enforce_file_format=True)
-    return series_uid
 
 
 def store_files(client, paths: Sequence[str | os.PathLike]) -> list[str]:
